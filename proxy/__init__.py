@@ -1,0 +1,1 @@
+"""Tollgate: a rate-limiting reverse proxy on aiohttp."""

@@ -1,0 +1,149 @@
+"""Command line: `python -m proxy` == `python run.py`.
+
+Parses arguments, loads the config, starts the mock upstream when asked, the
+proxy and admin listeners, and on SIGTERM/SIGINT stops accepting at once and
+drains in-flight requests up to `server.shutdown_timeout`. A user's mistake
+(bad config, port in use) is one clear line and exit 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+
+from aiohttp import web
+
+from . import config as config_module
+from .accesslog import setup_logging
+from .app import build_admin_app, build_proxy_app
+from .config import Config, ConfigError
+from .limiter import Limiter
+from .limits.factory import open_store
+from .mockproc import MockStartError, mock_upstream
+from .reload import Reloader
+from .runtime import Runtime
+
+log = logging.getLogger("tollgate")
+
+
+class StartError(Exception):
+    """Tollgate cannot start for a reason the user can fix; the message says which."""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="run.py", description="Tollgate: a rate-limiting reverse proxy.")
+    parser.add_argument("--config", default="config.yaml", help="configuration file (default: config.yaml)")
+    parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--no-mock", action="store_true", help="do not start the mock upstream")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = config_module.load(args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        if args.check:
+            print(f"{args.config}: {len(exc.errors)} error(s)", file=sys.stderr)
+        return 1
+    if args.check:
+        print("config OK")
+        return 0
+    setup_logging(config.log_format)
+    try:
+        return _run(serve(config, start_mock=config.upstream.start_mock and not args.no_mock))
+    except StartError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def _run(coro: "asyncio.Future[int] | object") -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)  # type: ignore[arg-type]
+
+
+async def serve(config: Config, *, start_mock: bool) -> int:
+    """Run until SIGTERM/SIGINT; return the exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        log.info("%s: stopping (draining up to %gs)", signal.Signals(signum).name,
+                 config.server.shutdown_timeout)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    async with contextlib.AsyncExitStack() as stack:
+        if start_mock:
+            try:
+                await stack.enter_async_context(mock_upstream(config.upstream.url))
+            except MockStartError as exc:
+                raise StartError(str(exc)) from None
+        store = await stack.enter_async_context(open_store(config.storage))
+        limiter = Limiter(store, on_error=config.storage.on_error, timeout=config.storage.timeout,
+                          describe=config_module.mask_url(config.storage.url))
+        runtime = Runtime(config=config, limiter=limiter)
+        reloader = Reloader(runtime)
+        runtime.reloader = reloader
+        proxy_runner = await stack.enter_async_context(
+            _listen(build_proxy_app(runtime), config.server.host, config.server.port, "proxy",
+                    shutdown_timeout=config.server.shutdown_timeout,
+                    keepalive_timeout=config.server.keepalive_timeout)
+        )
+        del proxy_runner
+        await stack.enter_async_context(
+            _listen(build_admin_app(runtime), config.admin.host, config.admin.port, "admin",
+                    shutdown_timeout=1.0)
+        )
+        await stack.enter_async_context(reloader.watching())
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload_soon, "SIGHUP")
+        print(f"Tollgate proxy      http://{_hostport(config.server.host, config.server.port)}/  ->  "
+              f"{config.upstream.url}", flush=True)
+        print(f"Tollgate dashboard  http://{_hostport(config.admin.host, config.admin.port)}/", flush=True)
+        await stop.wait()
+    return 0
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@contextlib.asynccontextmanager
+async def _listen(app: web.Application, host: str, port: int, what: str, *,
+                  shutdown_timeout: float, keepalive_timeout: float = 75.0) -> AsyncIterator[web.AppRunner]:
+    """Serve `app`; on exit close the listener at once, then drain in-flight requests."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout,
+                           keepalive_timeout=keepalive_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise StartError(f"cannot listen on {_hostport(host, port)} for the {what} port: {reason}") from None
+        yield runner
+    finally:
+        await runner.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Wiring only: the proxy app, the admin app, and the things they own.
+
+Every closable thing is one small async context manager in `cleanup_ctx`
+(the upstream session, the store, background tasks) so a failing start still
+closes what was opened before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from .admin import setup_admin
+from .handler import handle
+from .limits.memory import MemoryStore
+from .runtime import RUNTIME, Runtime
+
+SWEEP_INTERVAL = 10.0  # seconds between drops of state that is fresh again
+
+
+def build_proxy_app(runtime: Runtime) -> web.Application:
+    """The server port: every method and path goes to the one handler."""
+    app = web.Application(client_max_size=1024**4, handler_args={"max_field_size": 8190, "max_line_size": 8190})
+    app[RUNTIME] = runtime
+    app.router.add_route("*", "/{tail:.*}", handle)
+    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_memory_sweeper)
+    return app
+
+
+def build_admin_app(runtime: Runtime) -> web.Application:
+    app = web.Application()
+    app[RUNTIME] = runtime
+    setup_admin(app)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    """One pooled keep-alive session to the upstream for the life of the app."""
+    runtime = app[RUNTIME]
+    connector = aiohttp.TCPConnector(limit=1024, keepalive_timeout=30, ttl_dns_cache=60)
+    session = aiohttp.ClientSession(
+        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+    )
+    runtime.session = session
+    try:
+        yield
+    finally:
+        await session.close()
+
+
+async def _memory_sweeper(app: web.Application) -> AsyncIterator[None]:
+    """Drop limit state that is fresh again, so memory follows active clients."""
+    runtime = app[RUNTIME]
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            limits = runtime.config.all_limits()
+            for store in (runtime.limiter.store, runtime.limiter.fallback):
+                if isinstance(store, MemoryStore):
+                    store.retain({limit.key for limit in limits})
+                    await store.sweep(limits)
+
+    task = asyncio.create_task(sweep_forever(), name="tollgate-sweeper")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

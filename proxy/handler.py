@@ -1,0 +1,121 @@
+"""The proxy port's single handler: route -> identity -> decision -> forward or refuse.
+
+Data flows one way; every outcome is written into one RequestRecord that the
+observers (stats, metrics, access log) read afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+
+from .config import Config, Route, Tier
+from .forward import BodyTooLarge, UpstreamBroken, forward, upstream_failure
+from .identity import Rejection, resolve
+from .limiter import Decision
+from .problems import problem
+from .ratelimit_headers import rate_limit_headers, refusing_limit, retry_after_header
+from .records import RequestRecord
+from .runtime import RUNTIME, Runtime
+
+NO_ROUTE: Final = Route(path="/")
+
+
+def match_route(config: Config, method: str, path: str) -> Route:
+    for route in config.routes:
+        if route.matches(method, path):
+            return route
+    return NO_ROUTE
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    runtime = request.app[RUNTIME]
+    config = runtime.config  # one snapshot: a reload mid-request does not change this one
+    started = time.perf_counter()
+    route = match_route(config, request.method, request.path)
+    if route.exempt:
+        record = RequestRecord(request.method, request.path, request.remote or "", "-", "exempt")
+        return await _forward(request, runtime, record, started, None)
+    client = resolve(config, request.headers, request.remote)
+    if isinstance(client, Rejection):
+        record = RequestRecord(request.method, request.path, request.remote or "", "-", "unauthorized")
+        response = problem(401, client.error, client.message)
+        return _finish(runtime, record, response, started)
+    record = RequestRecord(request.method, request.path, client.id, client.tier.name, "allowed")
+    decision = await runtime.limiter.decide(client.identity, client.tier, route.cost)
+    if decision.unavailable:
+        record.decision = "unavailable"
+        response = problem(503, "limiter_unavailable", "The rate limiter's storage is unavailable; "
+                           "try again shortly.", headers={"Retry-After": "1"})
+        return _finish(runtime, record, response, started)
+    headers = rate_limit_headers(client.tier, decision.outcomes) if decision.outcomes else None
+    if not decision.allowed:
+        return _finish(runtime, record, _refuse(client.tier, decision, headers or {}, record), started)
+    if decision.delay > 0:
+        await asyncio.sleep(decision.delay)  # leaky bucket: released in arrival order
+    return await _forward(request, runtime, record, started, headers)
+
+
+def _refuse(tier: Tier, decision: Decision, headers: dict[str, str], record: RequestRecord) -> web.Response:
+    outcomes = decision.outcomes
+    index = refusing_limit(outcomes)
+    retry = outcomes[index].retry_after
+    record.decision = "blocked"
+    record.limit = tier.limits[index].name
+    headers["Retry-After"] = retry_after_header(retry)
+    violated = [limit.name for limit, o in zip(tier.limits, outcomes) if not o.allowed]
+    return problem(
+        429, "rate_limited", "Rate limit exceeded", headers=headers,
+        **{"violated-policies": violated}, tier=tier.name, limit=record.limit,
+        retry_after_seconds=math.ceil(retry * 1000) / 1000,
+    )
+
+
+async def _forward(
+    request: web.Request, runtime: Runtime, record: RequestRecord, started: float,
+    headers: dict[str, str] | None,
+) -> web.StreamResponse:
+    upstream_started = time.perf_counter()
+    try:
+        response = await forward(request, runtime.session, runtime.upstream, headers)
+    except BodyTooLarge:
+        record.decision = "too_large" if record.decision == "allowed" else record.decision
+        limit = runtime.upstream.max_body_size
+        response = problem(413, "body_too_large", f"The request body exceeds {limit} bytes.")
+        return _finish(runtime, record, response, started, close=True)
+    except UpstreamBroken as exc:
+        # The status is already sent: closing is the only way left to say "broken".
+        if request.transport is not None:
+            request.transport.close()
+        record.upstream_error = "broken"
+        record.upstream_seconds = time.perf_counter() - upstream_started
+        record.status = exc.response.status
+        runtime.observe(record, time.perf_counter() - started)
+        return exc.response
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        if request.transport is None or request.transport.is_closing():
+            raise  # the client went away mid-upload
+        response, kind = upstream_failure(exc, runtime.upstream)
+        record.upstream_error = kind
+        record.upstream_seconds = time.perf_counter() - upstream_started
+        return _finish(runtime, record, response, started)
+    record.upstream_seconds = time.perf_counter() - upstream_started
+    record.status = response.status
+    runtime.observe(record, time.perf_counter() - started)
+    return response
+
+
+def _finish(
+    runtime: Runtime, record: RequestRecord, response: web.Response, started: float, *, close: bool = False,
+) -> web.Response:
+    """Tollgate's own answer: record it and hand it back."""
+    if close:  # the rest of the client's body is unread: the connection cannot be reused
+        response.force_close()
+    record.status = response.status
+    runtime.observe(record, time.perf_counter() - started)
+    return response

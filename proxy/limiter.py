@@ -1,0 +1,142 @@
+"""The one place that decides: a tier's limits through the store, and
+`storage.on_error` when the store cannot answer in time.
+
+While the store is down the limiter does not pay a failed call per request:
+it backs off (0.5 s doubling to 5 s) and applies the policy at once, then lets
+one request probe. The outage is logged once, and so is the recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .config import Tier
+from .limits.algorithms import Outcome
+from .limits.memory import MemoryStore
+from .limits.store import Limit, StorageUnavailable, Store
+
+log = logging.getLogger("tollgate.storage")
+
+BACKOFF_START = 0.5
+BACKOFF_MAX = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What happens to a request: `outcomes` align with the tier's limits."""
+
+    allowed: bool
+    outcomes: Sequence[Outcome] = ()
+    delay: float = 0.0
+    unavailable: bool = False  # on_error: deny while the store is down -> 503
+    degraded: bool = False  # decided without the shared store (allow or local)
+
+
+UNLIMITED = Decision(allowed=True)
+FAIL_OPEN = Decision(allowed=True, degraded=True)
+FAIL_CLOSED = Decision(allowed=False, unavailable=True, degraded=True)
+
+
+@dataclass(slots=True)
+class Health:
+    healthy: bool = True
+    last_error: str | None = None
+    down_since: float | None = None
+    errors: int = 0
+    retry_at: float = 0.0
+    backoff: float = field(default=BACKOFF_START)
+
+
+class Limiter:
+    """Applies tiers through a store; `on_error` is applied here and nowhere else."""
+
+    def __init__(
+        self, store: Store, *, on_error: str = "allow", timeout: float = 0.05,
+        fallback: MemoryStore | None = None, describe: str = "",
+    ) -> None:
+        self.store = store
+        self.on_error = on_error
+        self.timeout = timeout
+        self.fallback = fallback if fallback is not None else MemoryStore()
+        self.health = Health()
+        self._describe = describe or store.backend
+        self._memory = store if isinstance(store, MemoryStore) else None
+
+    async def decide(self, identity: str, tier: Tier, cost: int) -> Decision:
+        if tier.unlimited:
+            return UNLIMITED
+        if self._memory is not None:  # in-process: cannot fail, needs no timeout
+            return _decision(self._memory.acquire_now(identity, tier.limits, cost))
+        if not self.health.healthy and time.monotonic() < self.health.retry_at:
+            return self._on_error(identity, tier.limits, cost)
+        try:
+            async with asyncio.timeout(self.timeout):
+                outcomes = await self.store.acquire(identity, tier.limits, cost)
+        except (StorageUnavailable, TimeoutError) as exc:
+            self._failed(exc)
+            return self._on_error(identity, tier.limits, cost)
+        if not self.health.healthy:
+            self._recovered()
+        return _decision(outcomes)
+
+    def _on_error(self, identity: str, limits: Sequence[Limit], cost: int) -> Decision:
+        if self.on_error == "deny":
+            return FAIL_CLOSED
+        if self.on_error == "local":
+            outcomes = self.fallback.acquire_now(identity, limits, cost)
+            return _decision(outcomes, degraded=True)
+        return FAIL_OPEN
+
+    def _failed(self, exc: BaseException) -> None:
+        health = self.health
+        health.errors += 1
+        reason = str(exc) or ("timed out after %gs" % self.timeout)
+        health.last_error = reason
+        now = time.monotonic()
+        if health.healthy:
+            health.healthy = False
+            health.down_since = time.time()
+            health.backoff = BACKOFF_START
+            log.error("storage %s unavailable (%s); storage.on_error=%s is in force",
+                      self._describe, reason, self.on_error)
+        else:
+            health.backoff = min(BACKOFF_MAX, health.backoff * 2)
+        health.retry_at = now + health.backoff
+
+    def _recovered(self) -> None:
+        outage = time.time() - (self.health.down_since or time.time())
+        log.warning("storage %s is back after %.1fs", self._describe, outage)
+        self.health.healthy = True
+        self.health.down_since = None
+        self.health.backoff = BACKOFF_START
+
+    async def peek(self, identity: str, tier: Tier) -> list[Outcome]:
+        """A client's state now (admin API); raises StorageUnavailable."""
+        try:
+            async with asyncio.timeout(max(self.timeout, 1.0)):
+                return await self.store.peek(identity, tier.limits)
+        except TimeoutError as exc:
+            raise StorageUnavailable(f"timed out after {max(self.timeout, 1.0):g}s") from exc
+
+    async def reset(self, identity: str, tier: Tier) -> None:
+        try:
+            async with asyncio.timeout(max(self.timeout, 1.0)):
+                await self.store.reset(identity, tier.limits)
+        except TimeoutError as exc:
+            raise StorageUnavailable(f"timed out after {max(self.timeout, 1.0):g}s") from exc
+        await self.fallback.reset(identity, tier.limits)
+
+    @property
+    def ready(self) -> bool:
+        """Can requests be served under the policy? (/readyz)"""
+        return self.health.healthy or self.on_error != "deny"
+
+
+def _decision(outcomes: list[Outcome], *, degraded: bool = False) -> Decision:
+    allowed = all(o.allowed for o in outcomes)
+    delay = max((o.delay for o in outcomes), default=0.0) if allowed else 0.0
+    return Decision(allowed=allowed, outcomes=outcomes, delay=delay, degraded=degraded)

@@ -1,0 +1,1 @@
+"""Rate-limit algorithms (pure) and the stores that keep their state."""

@@ -1,0 +1,84 @@
+"""In-process store: the default, nothing to install, exact for one instance.
+
+Each limit has its own dict of client -> state. A request's limits are checked
+and charged with no await in between, which makes the step atomic on the
+event loop. A sweep drops state that is fresh again, so memory follows the
+clients active recently, not every client ever seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from .algorithms import Outcome, State, check_all
+from .store import Clock, Limit, Store, to_micros, wall_clock
+
+SWEEP_CHUNK = 5_000  # entries examined between yields to the event loop
+
+
+class MemoryStore(Store):
+    backend = "memory"
+
+    def __init__(self, clock: Clock = wall_clock) -> None:
+        self._clock = clock
+        self._tables: dict[str, dict[str, State]] = {}
+
+    def _table(self, limit: Limit) -> dict[str, State]:
+        table = self._tables.get(limit.key)
+        if table is None:
+            table = self._tables[limit.key] = {}
+        return table
+
+    def acquire_now(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
+        """`acquire` without the coroutine, for callers already on the loop."""
+        now = to_micros(self._clock())
+        tables = [self._table(limit) for limit in limits]
+        states = [table.get(identity) for table in tables]
+        outcomes, new_states = check_all([lim.algorithm for lim in limits], states, now, cost)
+        if new_states is not None:
+            for table, state in zip(tables, new_states):
+                table[identity] = state
+        return outcomes
+
+    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
+        return self.acquire_now(identity, limits, cost)
+
+    async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:
+        now = to_micros(self._clock())
+        return [
+            limit.algorithm.peek(self._tables.get(limit.key, {}).get(identity), now)
+            for limit in limits
+        ]
+
+    async def reset(self, identity: str, limits: Sequence[Limit]) -> None:
+        for limit in limits:
+            self._tables.get(limit.key, {}).pop(identity, None)
+
+    def clients(self) -> int:
+        """How many (client, limit) states are held: what memory follows."""
+        return sum(len(t) for t in self._tables.values())
+
+    def retain(self, live_keys: set[str]) -> None:
+        """Drop whole tables of limits no longer configured (after a reload)."""
+        for key in [k for k in self._tables if k not in live_keys]:
+            del self._tables[key]
+
+    async def sweep(self, limits: Sequence[Limit]) -> int:
+        """Drop every state that is fresh again; yields to the loop between chunks."""
+        dropped = 0
+        by_key = {limit.key: limit for limit in limits}
+        for key, table in list(self._tables.items()):
+            limit = by_key.get(key)
+            if limit is None:
+                continue
+            identities = list(table)
+            for start in range(0, len(identities), SWEEP_CHUNK):
+                now = to_micros(self._clock())
+                for identity in identities[start : start + SWEEP_CHUNK]:
+                    state = table.get(identity)
+                    if state is not None and limit.algorithm.ttl(state, now) <= 0:
+                        del table[identity]
+                        dropped += 1
+                await asyncio.sleep(0)
+        return dropped

@@ -1,0 +1,68 @@
+"""What every store offers the limiter, and the one error they all raise.
+
+A store keeps state and applies a tier's limits as one atomic step; it never
+decides policy (what to do when storage fails lives in `proxy.limiter`).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .algorithms import Algorithm, Outcome
+
+Clock = Callable[[], float]  # seconds since the Unix epoch, as time.time()
+
+
+def wall_clock() -> float:
+    """The real clock: built only at the composition root; tests inject a fake."""
+    return time.time()
+
+
+def to_micros(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A configured limit: its public name, its arithmetic and its state key.
+
+    `key` derives from the tier, name, algorithm and parameters, so a reload
+    that leaves a limit unchanged keeps every client's state and a changed
+    limit starts fresh.
+    """
+
+    name: str
+    algorithm: Algorithm
+    key: str
+
+
+class StorageUnavailable(Exception):
+    """The store could not answer in time; `storage.on_error` decides what follows."""
+
+
+class Store(ABC):
+    """State of every (client, limit); `acquire` is all-or-nothing across limits."""
+
+    backend: ClassVar[str]
+
+    @abstractmethod
+    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
+        """Check every limit and charge them all only if all allow."""
+
+    @abstractmethod
+    async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:
+        """Each limit's state for `identity`, charging nothing."""
+
+    @abstractmethod
+    async def reset(self, identity: str, limits: Sequence[Limit]) -> None:
+        """Forget `identity`'s state in these limits: it starts full."""
+
+    async def ping(self) -> None:
+        """Raise StorageUnavailable unless the store answers (health checks)."""
+
+    async def close(self) -> None:
+        """Release connections and background tasks."""

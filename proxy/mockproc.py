@@ -1,0 +1,58 @@
+"""Run upstream_mock as a child process for the demo (`upstream.start_mock`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator
+
+from yarl import URL
+
+START_TIMEOUT = 10.0
+
+
+class MockStartError(Exception):
+    """The mock upstream could not start; the message says why and what to do."""
+
+
+async def _port_open(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+@contextlib.asynccontextmanager
+async def mock_upstream(url: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """Start `python -m upstream_mock` on the url's host and port; stop it on exit."""
+    parsed = URL(url)
+    host, port = parsed.host or "127.0.0.1", parsed.port or 80
+    if await _port_open(host, port):
+        raise MockStartError(f"cannot start the mock upstream: {host}:{port} is already in use "
+                             "(run with --no-mock to use what listens there)")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "upstream_mock", "--host", host, "--port", str(port),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        while not await _port_open(host, port):
+            if proc.returncode is not None or loop.time() > deadline:
+                raise MockStartError(f"the mock upstream did not start on {host}:{port}")
+            await asyncio.sleep(0.05)
+        print(f"Mock upstream       http://{host}:{port}/  (pid {proc.pid})", flush=True)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()

@@ -1,0 +1,50 @@
+"""Tollgate's own answers as RFC 9457 application/problem+json bodies.
+
+Every status Tollgate itself produces (401, 404, 413, 429, 502, 503, 504 and the
+admin port's errors) is built here, so the wire format lives in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from aiohttp import web
+
+CONTENT_TYPE: Final = "application/problem+json"
+QUOTA_EXCEEDED: Final = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+
+TITLES: Final = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    413: "Content Too Large",
+    422: "Unprocessable Content",
+    429: "Request cannot be satisfied as assigned quota has been exceeded",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def problem_body(status: int, error: str, message: str, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": QUOTA_EXCEEDED if status == 429 else "about:blank",
+        "title": TITLES.get(status, "Error"),
+        "status": status,
+    }
+    body.update(extra)
+    body["error"] = error
+    body["message"] = message
+    return body
+
+
+def problem(
+    status: int, error: str, message: str, *, headers: Mapping[str, str] | None = None, **extra: Any
+) -> web.Response:
+    """A problem+json response; `extra` adds members such as `tier` or `limit`."""
+    text = json.dumps(problem_body(status, error, message, **extra))
+    response = web.Response(status=status, text=text, headers=headers)
+    response.content_type = CONTENT_TYPE
+    return response

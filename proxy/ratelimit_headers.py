@@ -1,0 +1,49 @@
+"""RateLimit / RateLimit-Policy (IETF httpapi-ratelimit-headers draft-10),
+the legacy X-RateLimit-* trio, and Retry-After.
+
+`RateLimit-Policy` is fixed per tier and built once at config load
+(`Tier.policy_header`); only `RateLimit` depends on the request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .config import Tier
+from .limits.algorithms import Outcome
+
+
+def whole_seconds(seconds: float) -> int:
+    """Seconds rounded up (a client told 1 s early would be refused again)."""
+    return max(0, math.ceil(seconds - 1e-9))
+
+
+def most_constraining(outcomes: Sequence[Outcome]) -> int:
+    """Index of the limit with the least remaining (ties: the one freeing last)."""
+    return min(range(len(outcomes)), key=lambda i: (outcomes[i].remaining, -outcomes[i].reset))
+
+
+def rate_limit_headers(tier: Tier, outcomes: Sequence[Outcome]) -> dict[str, str]:
+    items = ", ".join(
+        f'"{limit.name}";r={o.remaining};t={whole_seconds(o.reset)}'
+        for limit, o in zip(tier.limits, outcomes)
+    )
+    tight = outcomes[most_constraining(outcomes)]
+    return {
+        "RateLimit-Policy": tier.policy_header,
+        "RateLimit": items,
+        "X-RateLimit-Limit": str(tier.limits[most_constraining(outcomes)].algorithm.capacity),
+        "X-RateLimit-Remaining": str(tight.remaining),
+        "X-RateLimit-Reset": str(whole_seconds(tight.reset)),
+    }
+
+
+def refusing_limit(outcomes: Sequence[Outcome]) -> int:
+    """Index of the refusing limit that frees last: the one Retry-After waits for."""
+    refused = [i for i, o in enumerate(outcomes) if not o.allowed]
+    return max(refused, key=lambda i: outcomes[i].retry_after)
+
+
+def retry_after_header(seconds: float) -> str:
+    return str(max(1, whole_seconds(seconds)))

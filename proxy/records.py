@@ -1,0 +1,32 @@
+"""One record per proxied request: what stats, metrics and the access log read.
+
+The handler fills a record once and hands it to every observer, so counting
+happens in one place and the three views cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Literal
+
+Outcome = Literal["allowed", "blocked", "unauthorized", "exempt", "unavailable", "too_large"]
+DECISIONS: Final = ("allowed", "blocked", "unauthorized", "exempt", "unavailable")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    method: str
+    path: str
+    client: str  # key name or address: never a raw key
+    tier: str
+    decision: str
+    status: int = 0
+    proxy_seconds: float = 0.0  # time Tollgate added (total minus upstream)
+    upstream_seconds: float | None = None
+    upstream_error: str | None = None  # kind: connect, timeout, protocol, broken
+    limit: str | None = None  # refusing limit's name, when blocked
+    remaining: int | None = None
+
+
+Observer = Callable[[RequestRecord], None]

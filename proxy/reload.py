@@ -1,0 +1,151 @@
+"""Config reload: on SIGHUP, POST /api/reload, and when the file changes.
+
+A new config is built aside and swapped in as one reference; an invalid one
+leaves the old in force and is remembered as `last_error`. Limits whose
+parameters are unchanged keep their state because state is keyed by a limit's
+identity (tier, name, algorithm, parameters), not by the config version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from . import config as config_module
+from .config import Config, ConfigError
+from .runtime import Runtime, upstream_of
+
+log = logging.getLogger("tollgate.reload")
+
+POLL_INTERVAL = 0.5  # seconds between looks at the file: changes show within 2 s
+RESTART_ONLY = (
+    ("server.host", lambda c: c.server.host), ("server.port", lambda c: c.server.port),
+    ("admin.host", lambda c: c.admin.host), ("admin.port", lambda c: c.admin.port),
+    ("storage.backend", lambda c: c.storage.backend), ("storage.url", lambda c: c.storage.url),
+    ("storage.cluster", lambda c: c.storage.cluster), ("storage.key_prefix", lambda c: c.storage.key_prefix),
+    ("log.format", lambda c: c.log_format),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    ok: bool
+    version: int
+    errors: tuple[str, ...] = ()
+    restart_needed: tuple[str, ...] = ()
+
+
+def _signature(path: str) -> tuple[int, int, int] | None:
+    """What changes when the file is edited in place, renamed over, or its symlink swapped."""
+    try:
+        st = os.stat(path)  # follows symlinks, as a ConfigMap's ..data swap needs
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _digest(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
+class Reloader:
+    """Owns the reload of `runtime.config`; every trigger goes through `reload`."""
+
+    def __init__(self, runtime: Runtime, on_result: Callable[[ReloadResult], None] | None = None) -> None:
+        self.runtime = runtime
+        self.on_result = on_result
+        self._lock = asyncio.Lock()
+        path = runtime.config.path
+        self._signature = _signature(path) if path else None
+        self._digest = _digest(path) if path else None
+
+    async def reload(self, trigger: str) -> ReloadResult:
+        async with self._lock:
+            return self._reload(trigger)
+
+    def _reload(self, trigger: str) -> ReloadResult:
+        runtime = self.runtime
+        path = runtime.config.path
+        if path is None:
+            return self._refused(trigger, ["no config file to reload (started without one)"])
+        self._signature, self._digest = _signature(path), _digest(path)
+        try:
+            new = config_module.load(path)
+        except ConfigError as exc:
+            return self._refused(trigger, exc.errors)
+        restart = tuple(name for name, get in RESTART_ONLY if get(new) != get(runtime.config))
+        if restart:
+            log.warning("config reload (%s): %s changed; that takes effect only after a restart",
+                        trigger, ", ".join(restart))
+        self._apply(new)
+        log.info("config reloaded (%s): version %d", trigger, runtime.version)
+        result = ReloadResult(True, runtime.version, restart_needed=restart)
+        if self.on_result:
+            self.on_result(result)
+        return result
+
+    def _apply(self, new: Config) -> None:
+        runtime = self.runtime
+        runtime.upstream = upstream_of(new)
+        runtime.limiter.on_error = new.storage.on_error
+        runtime.limiter.timeout = new.storage.timeout
+        runtime.config = new  # the one swap that puts the new config in force
+        runtime.version += 1
+        runtime.loaded_at = time.time()
+        runtime.last_error = None
+
+    def _refused(self, trigger: str, errors: list[str]) -> ReloadResult:
+        runtime = self.runtime
+        runtime.last_error = "; ".join(errors)
+        log.error("config reload (%s) refused, version %d stays in force:\n  %s",
+                  trigger, runtime.version, "\n  ".join(errors))
+        result = ReloadResult(False, runtime.version, tuple(errors))
+        if self.on_result:
+            self.on_result(result)
+        return result
+
+    def reload_soon(self, trigger: str) -> None:
+        """For signal handlers: schedule a reload on the loop."""
+        task = asyncio.get_running_loop().create_task(self.reload(trigger))
+        self._pending = task  # keep a reference until done
+
+    async def _changed(self) -> bool:
+        path = self.runtime.config.path
+        if path is None:
+            return False
+        signature = _signature(path)
+        if signature is None or signature == self._signature:
+            return False
+        self._signature = signature
+        digest = _digest(path)
+        if digest == self._digest:
+            return False
+        return True
+
+    @contextlib.asynccontextmanager
+    async def watching(self, interval: float = POLL_INTERVAL) -> AsyncIterator[None]:
+        """Poll the file (stat is cheap and sees renames and symlink swaps alike)."""
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                if await self._changed():
+                    await self.reload("file change")
+
+        task = asyncio.create_task(watch(), name="tollgate-config-watch")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

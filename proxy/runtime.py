@@ -1,0 +1,53 @@
+"""The state a running Tollgate shares between its two ports.
+
+`config` is one reference swapped whole on reload: a request reads it once
+at its start and finishes under that config.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+
+from .config import Config
+from .forward import Upstream
+from .limiter import Limiter
+from .records import Observer, RequestRecord
+
+
+def upstream_of(config: Config) -> Upstream:
+    u = config.upstream
+    return Upstream.from_url(
+        u.url, preserve_host=u.preserve_host, timeout=u.timeout, connect_timeout=u.connect_timeout,
+        max_body_size=config.server.max_body_size,
+    )
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: Config
+    limiter: Limiter
+    session: aiohttp.ClientSession | None = None
+    upstream: Upstream = field(init=False)
+    observers: list[Observer] = field(default_factory=list)
+    version: int = 1
+    loaded_at: float = field(default_factory=time.time)
+    last_error: str | None = None
+    reloader: Any = None  # proxy.reload.Reloader, set by the composition root
+
+    def __post_init__(self) -> None:
+        self.upstream = upstream_of(self.config)
+
+    def observe(self, record: RequestRecord, total_seconds: float) -> None:
+        """Finish a record (proxy-added time) and hand it to every observer."""
+        upstream = record.upstream_seconds or 0.0
+        record.proxy_seconds = max(0.0, total_seconds - upstream)
+        for observer in self.observers:
+            observer(record)
+
+
+RUNTIME: Final = web.AppKey("RUNTIME", Runtime)
