@@ -21,13 +21,10 @@ from aiohttp import web
 
 from . import config as config_module
 from .accesslog import setup_logging
-from .app import build_admin_app, build_proxy_app
+from .app import build_admin_app, build_proxy_app, build_runtime
 from .config import Config, ConfigError
-from .limiter import Limiter
 from .limits.factory import open_store
 from .mockproc import MockStartError, mock_upstream
-from .reload import Reloader
-from .runtime import Runtime
 
 log = logging.getLogger("tollgate")
 
@@ -98,17 +95,13 @@ async def serve(config: Config, *, start_mock: bool) -> int:
             except MockStartError as exc:
                 raise StartError(str(exc)) from None
         store = await stack.enter_async_context(open_store(config.storage))
-        limiter = Limiter(store, on_error=config.storage.on_error, timeout=config.storage.timeout,
-                          describe=config_module.mask_url(config.storage.url))
-        runtime = Runtime(config=config, limiter=limiter)
-        reloader = Reloader(runtime)
-        runtime.reloader = reloader
-        proxy_runner = await stack.enter_async_context(
+        runtime = build_runtime(config, store)
+        reloader = runtime.reloader
+        await stack.enter_async_context(
             _listen(build_proxy_app(runtime), config.server.host, config.server.port, "proxy",
                     shutdown_timeout=config.server.shutdown_timeout,
                     keepalive_timeout=config.server.keepalive_timeout)
         )
-        del proxy_runner
         await stack.enter_async_context(
             _listen(build_admin_app(runtime), config.admin.host, config.admin.port, "admin",
                     shutdown_timeout=1.0)

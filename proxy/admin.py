@@ -1,10 +1,58 @@
-"""The admin port: health, readiness (and later stats, metrics and the admin API)."""
+"""The admin port: health, readiness, stats, per-client state, the decision
+service, reload, Prometheus metrics, and the dashboard.
+
+Private by default (127.0.0.1). With `admin.token` set, everything but
+/healthz and /readyz needs `Authorization: Bearer <token>` or the HttpOnly
+cookie the dashboard sets when opened once with `?token=`.
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
+import hashlib
+import hmac
+import ipaddress
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
-from .runtime import RUNTIME
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .dashboard import setup_dashboard
+from .identity import address_id
+from .limits.store import StorageUnavailable
+from .problems import problem
+from .ratelimit_headers import most_constraining, refusing_limit, whole_seconds
+from .runtime import RUNTIME, Runtime
+
+COOKIE: Final = "tollgate_admin"
+OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
+TOP_N: Final = 10
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _token_ok(presented: str | None, token: str) -> bool:
+    if not presented:
+        return False
+    # Compare digests: constant time whatever the lengths.
+    return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(token.encode()).digest())
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[RUNTIME].config.admin.token
+    if token is None or request.path in OPEN_PATHS:
+        return await handler(request)
+    auth = request.headers.get("Authorization", "")
+    bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+    if _token_ok(bearer, token) or _token_ok(request.cookies.get(COOKIE), token):
+        return await handler(request)
+    if request.path == "/" and _token_ok(request.query.get("token"), token):
+        response = web.HTTPSeeOther("/")  # drop the token from the address bar and history
+        response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+        return response
+    return problem(401, "unauthorized", "The admin API needs Authorization: Bearer <admin.token>.",
+                   headers={"WWW-Authenticate": 'Bearer realm="tollgate-admin"'})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -13,12 +61,189 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     limiter = request.app[RUNTIME].limiter
-    ready = limiter.ready
-    body = {"ready": ready, "storage": {"backend": limiter.store.backend, "healthy": limiter.health.healthy,
-                                        "on_error": limiter.on_error}}
-    return web.json_response(body, status=200 if ready else 503)
+    body = {"ready": limiter.ready, "storage": storage_body(request.app[RUNTIME])}
+    return web.json_response(body, status=200 if limiter.ready else 503)
+
+
+def storage_body(runtime: Runtime) -> dict[str, Any]:
+    limiter = runtime.limiter
+    return {"backend": limiter.store.backend, "healthy": limiter.health.healthy,
+            "on_error": limiter.on_error, "last_error": None if limiter.health.healthy else limiter.health.last_error}
+
+
+def config_body(runtime: Runtime) -> dict[str, Any]:
+    config = runtime.config
+    return {
+        "path": config.path, "version": runtime.version,
+        "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(runtime.loaded_at)),
+        "last_error": runtime.last_error,
+        "tiers": {
+            name: {"unlimited": tier.unlimited,
+                   "limits": [{"name": lim.name, "algorithm": lim.algorithm.name,
+                               "policy": f"q={lim.algorithm.capacity};w={lim.algorithm.window}"}
+                              for lim in tier.limits]}
+            for name, tier in config.tiers.items()
+        },
+    }
+
+
+async def stats_body(runtime: Runtime) -> dict[str, Any]:
+    """Everything the dashboard shows, in one JSON document."""
+    stats = runtime.stats
+    body = stats.snapshot()
+    for key, by in (("top_clients", "requests"), ("top_blocked", "blocked")):
+        rows = []
+        for client_id, counts in stats.top(TOP_N, by=by):
+            rows.append({"id": client_id, "tier": counts.tier, "requests": counts.requests,
+                         "allowed": counts.allowed, "blocked": counts.blocked,
+                         "remaining": await _remaining(runtime, counts.tier, counts.identity)})
+        body[key] = rows
+    body["storage"] = storage_body(runtime)
+    body["config"] = config_body(runtime)
+    return body
+
+
+async def _remaining(runtime: Runtime, tier_name: str, identity: str) -> int | None:
+    tier = runtime.config.tiers.get(tier_name)
+    if tier is None or tier.unlimited or not identity or not runtime.limiter.health.healthy:
+        return None
+    try:
+        outcomes = await runtime.limiter.peek(identity, tier)
+    except StorageUnavailable:
+        return None
+    return outcomes[most_constraining(outcomes)].remaining
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(await stats_body(request.app[RUNTIME]))
+
+
+async def stats_reset(request: web.Request) -> web.Response:
+    request.app[RUNTIME].stats.reset()
+    return web.Response(status=204)
+
+
+def _client(runtime: Runtime, client_id: str) -> tuple[str, str] | None:
+    """A client id -> (tier name, identity): a key's name, or an address."""
+    config = runtime.config
+    key = config.key_by_name(client_id)
+    if key is not None:
+        return key.tier, "k:" + key.digest[:32]
+    if "anonymous" not in config.tiers:
+        return None
+    try:
+        address = ipaddress.ip_address(client_id)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return "anonymous", "a:" + address_id(address, config.clients.ipv6_prefix)
+
+
+async def client_get(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    client_id = request.match_info["id"]
+    found = _client(runtime, client_id)
+    if found is None:
+        return problem(404, "unknown_client", "No API key has this name, and it is not an IP address.")
+    tier = runtime.config.tiers[found[0]]
+    try:
+        outcomes = await runtime.limiter.peek(found[1], tier) if tier.limits else []
+    except StorageUnavailable as exc:
+        return problem(503, "limiter_unavailable", f"The limit store is unavailable: {exc}")
+    limits = [{"name": lim.name, "algorithm": lim.algorithm.name, "limit": lim.algorithm.capacity,
+               "remaining": o.remaining, "reset_seconds": whole_seconds(o.reset)}
+              for lim, o in zip(tier.limits, outcomes)]
+    return web.json_response({"id": client_id, "tier": tier.name, "unlimited": tier.unlimited, "limits": limits})
+
+
+async def client_delete(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    found = _client(runtime, request.match_info["id"])
+    if found is None:
+        return problem(404, "unknown_client", "No API key has this name, and it is not an IP address.")
+    try:
+        await runtime.limiter.reset(found[1], runtime.config.tiers[found[0]])
+    except StorageUnavailable as exc:
+        return problem(503, "limiter_unavailable", f"The limit store is unavailable: {exc}")
+    return web.Response(status=204)
+
+
+def _check_input(body: Any, runtime: Runtime) -> tuple[str, str, int] | str:
+    """Validate a /api/check body; a string is the 400 message."""
+    if not isinstance(body, dict):
+        return 'the body must be a JSON object like {"key": "...", "tier": "...", "cost": 1}'
+    unknown = sorted(set(body) - {"key", "tier", "cost"})
+    if unknown:
+        return f"unknown field(s): {', '.join(unknown)}"
+    key, tier, cost = body.get("key"), body.get("tier"), body.get("cost", 1)
+    if not isinstance(key, str) or not key:
+        return "key: must be a non-empty string"
+    if not isinstance(tier, str) or tier not in runtime.config.tiers:
+        return f"tier: must be one of {', '.join(sorted(runtime.config.tiers))}"
+    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+        return "cost: must be an integer >= 1"
+    return key, tier, cost
+
+
+async def check(request: web.Request) -> web.Response:
+    """The decision service for services not behind the proxy (own identity namespace)."""
+    runtime = request.app[RUNTIME]
+    try:
+        body = await request.json()
+    except ValueError:
+        return problem(400, "bad_request", "The body is not valid JSON.")
+    parsed = _check_input(body, runtime)
+    if isinstance(parsed, str):
+        return problem(400, "bad_request", parsed)
+    key, tier_name, cost = parsed
+    tier = runtime.config.tiers[tier_name]
+    identity = "c:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    decision = await runtime.limiter.decide(identity, tier, cost)
+    if decision.unavailable:
+        return problem(503, "limiter_unavailable", "The rate limiter's storage is unavailable.",
+                       headers={"Retry-After": "1"})
+    result: dict[str, Any] = {"allowed": decision.allowed, "tier": tier_name, "limit": None,
+                              "remaining": None, "retry_after_seconds": 0}
+    if decision.outcomes:
+        outcomes = decision.outcomes
+        index = most_constraining(outcomes) if decision.allowed else refusing_limit(outcomes)
+        result["limit"] = tier.limits[index].name
+        result["remaining"] = outcomes[most_constraining(outcomes)].remaining
+        result["retry_after_seconds"] = 0 if decision.allowed else round(outcomes[index].retry_after, 3)
+        result["delay_seconds"] = round(decision.delay, 3)
+    return web.json_response(result)
+
+
+async def reload(request: web.Request) -> web.Response:
+    result = await request.app[RUNTIME].reloader.reload("POST /api/reload")
+    if result.ok:
+        body: dict[str, Any] = {"reloaded": True, "version": result.version}
+        if result.restart_needed:
+            body["restart_needed"] = list(result.restart_needed)
+        return web.json_response(body)
+    return web.json_response({"reloaded": False, "version": result.version, "errors": list(result.errors)},
+                             status=422)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    output = generate_latest(request.app[RUNTIME].metrics.registry)
+    response = web.Response(body=output)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
 
 
 def setup_admin(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    runtime = app[RUNTIME]
+    app.middlewares.append(require_token)
+    router = app.router
+    router.add_get("/healthz", healthz)
+    router.add_get("/readyz", readyz)
+    router.add_get("/api/stats", stats)
+    router.add_post("/api/stats/reset", stats_reset)
+    router.add_get("/api/clients/{id}", client_get)
+    router.add_delete("/api/clients/{id}", client_delete)
+    router.add_post("/api/check", check)
+    router.add_post("/api/reload", reload)
+    router.add_get("/metrics", metrics)
+    setup_dashboard(app, stats=lambda: stats_body(runtime))

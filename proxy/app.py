@@ -15,11 +15,24 @@ import aiohttp
 from aiohttp import web
 
 from .admin import setup_admin
+from .config import Config, mask_url
 from .handler import handle
+from .limiter import Limiter
 from .limits.memory import MemoryStore
+from .limits.store import Store
+from .reload import Reloader
 from .runtime import RUNTIME, Runtime
 
 SWEEP_INTERVAL = 10.0  # seconds between drops of state that is fresh again
+
+
+def build_runtime(config: Config, store: Store, *, fallback: MemoryStore | None = None) -> Runtime:
+    """The shared state of both ports: config, limiter over `store`, stats, reloader."""
+    limiter = Limiter(store, on_error=config.storage.on_error, timeout=config.storage.timeout,
+                      fallback=fallback, describe=mask_url(config.storage.url))
+    runtime = Runtime(config=config, limiter=limiter)
+    runtime.reloader = Reloader(runtime)
+    return runtime
 
 
 def build_proxy_app(runtime: Runtime) -> web.Application:

@@ -97,13 +97,26 @@ def request_headers(request: web.Request, upstream: Upstream) -> CIMultiDict[str
     return out
 
 
-async def _body(request: web.Request, limit: int | None) -> AsyncIterator[bytes]:
-    sent = 0
-    async for chunk in request.content.iter_chunked(CHUNK):
-        sent += len(chunk)
-        if limit is not None and sent > limit:
-            raise BodyTooLarge
-        yield chunk
+class _Body:
+    """The client's body as a stream, cut off past `limit` bytes.
+
+    aiohttp's client wraps errors raised by a payload, so the overflow is
+    also remembered here for `forward` to tell apart from an upstream error.
+    """
+
+    def __init__(self, request: web.Request, limit: int | None) -> None:
+        self._request = request
+        self._limit = limit
+        self.too_large = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        sent = 0
+        async for chunk in self._request.content.iter_chunked(CHUNK):
+            sent += len(chunk)
+            if self._limit is not None and sent > self._limit:
+                self.too_large = True
+                raise BodyTooLarge
+            yield chunk
 
 
 def upstream_failure(exc: BaseException, upstream: Upstream) -> tuple[web.Response, str]:
@@ -128,9 +141,24 @@ async def forward(
     Raises BodyTooLarge before the response started, UpstreamBroken after,
     and aiohttp/timeout errors for `upstream_failure` to map.
     """
-    url = upstream.base.join(URL(upstream.base_path + request.raw_path, encoded=True))
-    has_body = request.body_exists
-    data = _body(request, upstream.max_body_size) if has_body else None
+    path, _, query = request.raw_path.partition("?")
+    # URL.build keeps dot segments and %2F as sent; URL.join would resolve them.
+    url = URL.build(scheme=upstream.base.scheme, authority=upstream.base.raw_authority,
+                    path=upstream.base_path + path, query_string=query, encoded=True)
+    body = _Body(request, upstream.max_body_size) if request.body_exists else None
+    try:
+        return await _exchange(request, session, upstream, url, body, extra_headers)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        if body is not None and body.too_large:
+            raise BodyTooLarge from exc
+        raise
+
+
+async def _exchange(
+    request: web.Request, session: aiohttp.ClientSession, upstream: Upstream, url: URL,
+    body: _Body | None, extra_headers: Mapping[str, str] | None,
+) -> web.StreamResponse:
+    data = body.__aiter__() if body is not None else None
     async with session.request(
         request.method, url, headers=request_headers(request, upstream), data=data,
         allow_redirects=False, auto_decompress=False, compress=None, timeout=upstream.client_timeout,

@@ -38,6 +38,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     config = runtime.config  # one snapshot: a reload mid-request does not change this one
     started = time.perf_counter()
     route = match_route(config, request.method, request.path)
+    limit = config.server.max_body_size
+    if limit is not None and (request.content_length or 0) > limit:
+        # Refused before the limiter, as nginx does: a declared oversize body costs no quota.
+        record = RequestRecord(request.method, request.path, request.remote or "", "-", "rejected")
+        response = problem(413, "body_too_large", f"The request body exceeds {limit} bytes.")
+        return _finish(runtime, record, response, started, close=True)
     if route.exempt:
         record = RequestRecord(request.method, request.path, request.remote or "", "-", "exempt")
         return await _forward(request, runtime, record, started, None)
@@ -46,7 +52,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         record = RequestRecord(request.method, request.path, request.remote or "", "-", "unauthorized")
         response = problem(401, client.error, client.message)
         return _finish(runtime, record, response, started)
-    record = RequestRecord(request.method, request.path, client.id, client.tier.name, "allowed")
+    record = RequestRecord(request.method, request.path, client.id, client.tier.name, "allowed", client.identity)
     decision = await runtime.limiter.decide(client.identity, client.tier, route.cost)
     if decision.unavailable:
         record.decision = "unavailable"
@@ -84,7 +90,6 @@ async def _forward(
     try:
         response = await forward(request, runtime.session, runtime.upstream, headers)
     except BodyTooLarge:
-        record.decision = "too_large" if record.decision == "allowed" else record.decision
         limit = runtime.upstream.max_body_size
         response = problem(413, "body_too_large", f"The request body exceeds {limit} bytes.")
         return _finish(runtime, record, response, started, close=True)

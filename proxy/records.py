@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
-Outcome = Literal["allowed", "blocked", "unauthorized", "exempt", "unavailable", "too_large"]
-DECISIONS: Final = ("allowed", "blocked", "unauthorized", "exempt", "unavailable")
+# SPEC's decisions, plus "rejected": refused before the limiter (a declared body over
+# server.max_body_size), which charges no quota.
+DECISIONS: Final = ("allowed", "blocked", "unauthorized", "exempt", "unavailable", "rejected")
 
 
 @dataclass(slots=True)
@@ -21,6 +22,7 @@ class RequestRecord:
     client: str  # key name or address: never a raw key
     tier: str
     decision: str
+    identity: str = ""  # the limit-state key ("k:<sha256>" / "a:<address>"): never a raw key
     status: int = 0
     proxy_seconds: float = 0.0  # time Tollgate added (total minus upstream)
     upstream_seconds: float | None = None

@@ -90,9 +90,13 @@ class Reloader:
         self._apply(new)
         log.info("config reloaded (%s): version %d", trigger, runtime.version)
         result = ReloadResult(True, runtime.version, restart_needed=restart)
+        self._count(result)
+        return result
+
+    def _count(self, result: ReloadResult) -> None:
+        self.runtime.metrics.reloads.labels("success" if result.ok else "failure").inc()
         if self.on_result:
             self.on_result(result)
-        return result
 
     def _apply(self, new: Config) -> None:
         runtime = self.runtime
@@ -110,8 +114,7 @@ class Reloader:
         log.error("config reload (%s) refused, version %d stays in force:\n  %s",
                   trigger, runtime.version, "\n  ".join(errors))
         result = ReloadResult(False, runtime.version, tuple(errors))
-        if self.on_result:
-            self.on_result(result)
+        self._count(result)
         return result
 
     def reload_soon(self, trigger: str) -> None:

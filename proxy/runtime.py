@@ -15,8 +15,11 @@ from aiohttp import web
 
 from .config import Config
 from .forward import Upstream
+from .accesslog import log_request
 from .limiter import Limiter
+from .metrics import Metrics
 from .records import Observer, RequestRecord
+from .stats import Stats
 
 
 def upstream_of(config: Config) -> Upstream:
@@ -33,7 +36,9 @@ class Runtime:
     limiter: Limiter
     session: aiohttp.ClientSession | None = None
     upstream: Upstream = field(init=False)
-    observers: list[Observer] = field(default_factory=list)
+    stats: Stats = field(default_factory=Stats)
+    metrics: Metrics = field(init=False)
+    observers: list[Observer] = field(init=False)
     version: int = 1
     loaded_at: float = field(default_factory=time.time)
     last_error: str | None = None
@@ -41,6 +46,9 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.upstream = upstream_of(self.config)
+        health = self.limiter.health
+        self.metrics = Metrics(storage_errors=lambda: health.errors, storage_healthy=lambda: health.healthy)
+        self.observers = [self.stats.observe, self.metrics.observe, log_request]
 
     def observe(self, record: RequestRecord, total_seconds: float) -> None:
         """Finish a record (proxy-added time) and hand it to every observer."""

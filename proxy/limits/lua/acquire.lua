@@ -1,0 +1,349 @@
+-- One rate-limit decision (or a peek) over all of a request's limits, atomically.
+--
+-- The arithmetic is proxy/limits/algorithms.py ported line for line: same
+-- formulas in the same order, same EPS and `_floor`, time in integer
+-- microseconds (exact in a Lua double up to 2^53), so this script and the
+-- memory store give identical answers at identical instants. Keep the two in
+-- step: tests/test_redis_store.py runs both on random sequences and compares.
+--
+-- KEYS[i]  the state of limit i for one client (all in one hash-tag slot)
+-- ARGV[1]  "acquire" (check, and charge only if every limit allows) or "peek"
+-- ARGV[2]  now in integer microseconds, or "" for the server clock (TIME)
+-- ARGV[3]  cost (ignored by peek)
+-- ARGV[4 + 3(i-1) ..]  limit i: algorithm short code, then its two parameters
+--   tb: capacity, refill_rate   sw: limit, window_us
+--   fw: limit, window_us        lb: rate, queue
+-- Returns 5 strings per limit: allowed (1/0), remaining, reset, retry_after,
+-- delay, floats as %.17g so they parse back to the very same doubles.
+--
+-- State is a plain string per key, written only when the request is allowed,
+-- with PX = the algorithm's ttl (time until fresh again), so a key vanishes
+-- exactly when keeping it would no longer change any answer.
+
+-- Effects replication: lets TIME precede writes on Redis 3.2-4 (a no-op on >= 5).
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
+
+local US = 1000000
+local EPS = 1e-9
+
+local function floor0(x)
+  return math.max(0, math.floor(x + 1e-6))
+end
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+local function outcome(allowed, remaining, reset, retry_after, delay)
+  return {allowed, remaining, reset, retry_after or 0.0, delay or 0.0}
+end
+
+-- Python's a // b for non-negative integers held in doubles: a / b may round
+-- up to the next integer when b is large, so correct the quotient.
+local function floordiv(a, b)
+  local q = math.floor(a / b)
+  if q * b > a then
+    q = q - 1
+  elseif (q + 1) * b <= a then
+    q = q + 1
+  end
+  return q
+end
+
+-- Two numbers "x:y": token bucket (tokens, at), leaky bucket (backlog, at),
+-- fixed window (index, count).
+local function decode_pair(raw)
+  local x, y = string.match(raw, '^([^:]+):(.+)$')
+  return {tonumber(x), tonumber(y)}
+end
+
+local function encode_pair(state)
+  return fmt(state[1]) .. ':' .. fmt(state[2])
+end
+
+-- Token bucket ---------------------------------------------------------------
+
+local TB = {decode = decode_pair, encode = encode_pair}
+
+function TB.params(p1, p2)
+  return {capacity = p1, rate = p2}
+end
+
+local function tb_tokens(a, state, now)
+  if state == nil then
+    return a.capacity
+  end
+  return math.min(a.capacity, state[1] + (now - state[2]) * a.rate / US)
+end
+
+function TB.check(a, state, now, cost)
+  local tokens = tb_tokens(a, state, now)
+  if tokens + EPS >= cost then
+    local left = tokens - cost
+    return outcome(true, floor0(left), (a.capacity - left) / a.rate), {left, now}
+  end
+  return outcome(false, floor0(tokens), (a.capacity - tokens) / a.rate,
+                 (cost - tokens) / a.rate), state
+end
+
+function TB.peek(a, state, now)
+  local tokens = tb_tokens(a, state, now)
+  return outcome(tokens + EPS >= 1, floor0(tokens), (a.capacity - tokens) / a.rate)
+end
+
+function TB.ttl(a, state, now)
+  return (a.capacity - tb_tokens(a, state, now)) / a.rate
+end
+
+-- Sliding window: "at:cost,at:cost,..." oldest first -------------------------
+
+local SW = {}
+
+function SW.params(p1, p2)
+  return {limit = p1, window_us = p2}
+end
+
+function SW.decode(raw)
+  local entries = {}
+  for at, cost in string.gmatch(raw, '([^:,]+):([^:,]+)') do
+    entries[#entries + 1] = {tonumber(at), tonumber(cost)}
+  end
+  return entries
+end
+
+function SW.encode(state)
+  local parts = {}
+  for i, e in ipairs(state) do
+    parts[i] = fmt(e[1]) .. ':' .. fmt(e[2])
+  end
+  return table.concat(parts, ',')
+end
+
+-- A new table of the entries still inside the window (callers may extend it).
+local function sw_live(a, state, now)
+  local live = {}
+  if state == nil then
+    return live
+  end
+  local horizon = now - a.window_us
+  for _, e in ipairs(state) do
+    if e[1] > horizon then
+      live[#live + 1] = e
+    end
+  end
+  return live
+end
+
+local function sw_used(live)
+  local used = 0
+  for _, e in ipairs(live) do
+    used = used + e[2]
+  end
+  return used
+end
+
+local function sw_reset(a, live, now)
+  if #live == 0 then
+    return 0.0
+  end
+  return (live[#live][1] + a.window_us - now) / US
+end
+
+function SW.check(a, state, now, cost)
+  local live = sw_live(a, state, now)
+  local used = sw_used(live)
+  local n = #live
+  if used + cost <= a.limit then
+    if n > 0 and live[n][1] == now then
+      live[n] = {now, live[n][2] + cost}
+    else
+      live[n + 1] = {now, cost}
+    end
+    return outcome(true, a.limit - used - cost, a.window_us / US), live
+  end
+  local need, freed, retry_at = used + cost - a.limit, 0, now
+  for _, e in ipairs(live) do
+    freed = freed + e[2]
+    retry_at = e[1] + a.window_us
+    if freed >= need then
+      break
+    end
+  end
+  return outcome(false, a.limit - used, sw_reset(a, live, now), (retry_at - now) / US), state
+end
+
+function SW.peek(a, state, now)
+  local live = sw_live(a, state, now)
+  local left = a.limit - sw_used(live)
+  return outcome(left >= 1, left, sw_reset(a, live, now))
+end
+
+function SW.ttl(a, state, now)
+  return sw_reset(a, sw_live(a, state, now), now)
+end
+
+-- Fixed window, aligned to the Unix epoch --------------------------------------
+
+local FW = {decode = decode_pair, encode = encode_pair}
+
+function FW.params(p1, p2)
+  return {limit = p1, window_us = p2}
+end
+
+-- index, count, to_end
+local function fw_count(a, state, now)
+  local index = floordiv(now, a.window_us)
+  local to_end = ((index + 1) * a.window_us - now) / US
+  local count = 0
+  if state ~= nil and state[1] == index then
+    count = state[2]
+  end
+  return index, count, to_end
+end
+
+function FW.check(a, state, now, cost)
+  local index, count, to_end = fw_count(a, state, now)
+  if count + cost <= a.limit then
+    return outcome(true, a.limit - count - cost, to_end), {index, count + cost}
+  end
+  local reset = 0.0
+  if count ~= 0 then
+    reset = to_end
+  end
+  return outcome(false, a.limit - count, reset, to_end), state
+end
+
+function FW.peek(a, state, now)
+  local _, count, to_end = fw_count(a, state, now)
+  local reset = 0.0
+  if count ~= 0 then
+    reset = to_end
+  end
+  return outcome(count < a.limit, a.limit - count, reset)
+end
+
+function FW.ttl(a, state, now)
+  local _, count, to_end = fw_count(a, state, now)
+  if count ~= 0 then
+    return to_end
+  end
+  return 0.0
+end
+
+-- Leaky bucket -----------------------------------------------------------------
+
+local LB = {decode = decode_pair, encode = encode_pair}
+
+function LB.params(p1, p2)
+  return {rate = p1, queue = p2}
+end
+
+local function lb_backlog(a, state, now)
+  if state == nil then
+    return 0.0
+  end
+  return math.max(0.0, state[1] - (now - state[2]) * a.rate / US)
+end
+
+-- free places, reset; the unit leaving now holds no place
+local function lb_report(a, backlog)
+  local waiting = math.max(0.0, backlog - 1)
+  return math.min(a.queue, floor0(a.queue - waiting)), waiting / a.rate
+end
+
+function LB.check(a, state, now, cost)
+  local backlog = lb_backlog(a, state, now)
+  if backlog > EPS and backlog - 1 + cost > a.queue + EPS then
+    local free, reset = lb_report(a, backlog)
+    local retry = (backlog - (a.queue + 1 - cost)) / a.rate
+    return outcome(false, free, reset, retry), state
+  end
+  local free, reset = lb_report(a, backlog + cost)
+  return outcome(true, free, reset, 0.0, backlog / a.rate), {backlog + cost, now}
+end
+
+function LB.peek(a, state, now)
+  local backlog = lb_backlog(a, state, now)
+  local free, reset = lb_report(a, backlog)
+  return outcome(backlog <= EPS or backlog <= a.queue + EPS, free, reset)
+end
+
+function LB.ttl(a, state, now)
+  return lb_backlog(a, state, now) / a.rate
+end
+
+-- The decision -------------------------------------------------------------------
+
+local ALGORITHMS = {tb = TB, sw = SW, fw = FW, lb = LB}
+
+local mode = ARGV[1]
+if mode ~= 'acquire' and mode ~= 'peek' then
+  return redis.error_reply('unknown mode ' .. tostring(mode))
+end
+local now
+if ARGV[2] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * US + tonumber(t[2])
+else
+  now = tonumber(ARGV[2])
+end
+local cost = tonumber(ARGV[3])
+
+local algs, params, states = {}, {}, {}
+for i = 1, #KEYS do
+  local base = 4 + 3 * (i - 1)
+  local alg = ALGORITHMS[ARGV[base]]
+  if alg == nil then
+    return redis.error_reply('unknown algorithm ' .. tostring(ARGV[base]))
+  end
+  algs[i] = alg
+  params[i] = alg.params(tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]))
+  local raw = redis.call('GET', KEYS[i])
+  if raw then
+    states[i] = alg.decode(raw)
+  end
+end
+
+local outcomes = {}
+if mode == 'peek' then
+  for i = 1, #KEYS do
+    outcomes[i] = algs[i].peek(params[i], states[i], now)
+  end
+else
+  local new_states, all_allowed = {}, true
+  for i = 1, #KEYS do
+    outcomes[i], new_states[i] = algs[i].check(params[i], states[i], now, cost)
+    all_allowed = all_allowed and outcomes[i][1]
+  end
+  if all_allowed then
+    for i = 1, #KEYS do
+      local ms = math.ceil(algs[i].ttl(params[i], new_states[i], now) * 1000)
+      if ms > 0 then
+        redis.call('SET', KEYS[i], algs[i].encode(new_states[i]), 'PX', string.format('%d', ms))
+      else
+        redis.call('DEL', KEYS[i])
+      end
+    end
+  else
+    -- Nothing is charged: the limits that would have allowed report as they stand.
+    for i = 1, #KEYS do
+      if outcomes[i][1] then
+        outcomes[i] = algs[i].peek(params[i], states[i], now)
+        outcomes[i][1] = true
+      end
+    end
+  end
+end
+
+local reply = {}
+for i, o in ipairs(outcomes) do
+  local base = 5 * (i - 1)
+  reply[base + 1] = o[1] and '1' or '0'
+  reply[base + 2] = fmt(o[2])
+  reply[base + 3] = fmt(o[3])
+  reply[base + 4] = fmt(o[4])
+  reply[base + 5] = fmt(o[5])
+end
+return reply

@@ -1,0 +1,195 @@
+"""Live statistics for /api/stats and the dashboard, O(1) per request.
+
+Everything here is bounded: latency percentiles come from log-scale
+histograms over the last minute (not a list of samples), the timeline is a
+ring of 300 one-second slots, and per-client counters keep at most
+`MAX_CLIENTS` clients (the least busy half is dropped when full, so the
+busiest survive without a scan of every client ever seen).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .records import RequestRecord
+
+TIMELINE_SECONDS: Final = 300
+MAX_CLIENTS: Final = 1024
+LATENCY_SLOT_SECONDS: Final = 10
+LATENCY_SLOTS: Final = 6  # percentiles cover the last 50-60 s
+# Log-scale buckets: 1 us to ~100 s in steps of 4 % (about 470 buckets).
+BUCKET_GROWTH: Final = 1.04
+BUCKET_BASE: Final = 1e-6
+BUCKETS: Final = int(math.log(100 / BUCKET_BASE, BUCKET_GROWTH)) + 1
+_LOG_GROWTH: Final = math.log(BUCKET_GROWTH)
+
+
+def bucket_of(seconds: float) -> int:
+    if seconds <= BUCKET_BASE:
+        return 0
+    return min(BUCKETS - 1, int(math.log(seconds / BUCKET_BASE) / _LOG_GROWTH) + 1)
+
+
+def bucket_upper(index: int) -> float:
+    """The upper bound of a bucket: percentiles report it (never understate latency)."""
+    return BUCKET_BASE * BUCKET_GROWTH**index
+
+
+class LatencyWindow:
+    """Histograms in slots of 10 s; percentiles merge the last minute's slots."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._slots: list[list[int]] = [[0] * BUCKETS for _ in range(LATENCY_SLOTS)]
+        self._slot_ids = [-1] * LATENCY_SLOTS
+
+    def _slot(self) -> list[int]:
+        slot_id = int(self._clock()) // LATENCY_SLOT_SECONDS
+        i = slot_id % LATENCY_SLOTS
+        if self._slot_ids[i] != slot_id:
+            self._slots[i] = [0] * BUCKETS
+            self._slot_ids[i] = slot_id
+        return self._slots[i]
+
+    def add(self, seconds: float) -> None:
+        self._slot()[bucket_of(seconds)] += 1
+
+    def percentiles(self, *qs: float) -> dict[str, float | None]:
+        current = int(self._clock()) // LATENCY_SLOT_SECONDS
+        merged = [0] * BUCKETS
+        for slot_id, counts in zip(self._slot_ids, self._slots):
+            if current - slot_id < LATENCY_SLOTS:
+                merged = [a + b for a, b in zip(merged, counts)]
+        total = sum(merged)
+        out: dict[str, float | None] = {}
+        for q in qs:
+            key = f"p{q:g}"
+            if not total:
+                out[key] = None
+                continue
+            rank, seen = math.ceil(total * q / 100), 0
+            for index, count in enumerate(merged):
+                seen += count
+                if seen >= rank:
+                    out[key] = round(bucket_upper(index) * 1000, 3)
+                    break
+        return out
+
+
+@dataclass(slots=True)
+class ClientCounts:
+    tier: str
+    identity: str
+    requests: int = 0
+    allowed: int = 0
+    blocked: int = 0
+
+
+@dataclass(slots=True)
+class Counts:
+    requests: int = 0
+    allowed: int = 0
+    blocked: int = 0
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters fed by RequestRecords (an observer) and read by /api/stats."""
+
+    clock: Callable[[], float] = time.time
+    started: float = field(default_factory=time.time)
+    totals: dict[str, int] = field(default_factory=dict)
+    tiers: dict[str, Counts] = field(default_factory=dict)
+    clients: dict[str, ClientCounts] = field(default_factory=dict)
+    timeline: list[list[int]] = field(default_factory=list)  # [second, allowed, blocked]
+    proxy_latency: LatencyWindow = field(init=False)
+    upstream_latency: LatencyWindow = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals = dict.fromkeys(
+            ("requests", "allowed", "blocked", "unauthorized", "exempt", "unavailable", "rejected",
+             "upstream_errors"), 0
+        )
+        self.tiers = {}
+        self.clients = {}
+        self.timeline = [[-1, 0, 0] for _ in range(TIMELINE_SECONDS)]
+        self.proxy_latency = LatencyWindow(self.clock)
+        self.upstream_latency = LatencyWindow(self.clock)
+
+    def observe(self, record: RequestRecord) -> None:
+        totals = self.totals
+        totals["requests"] += 1
+        decision = record.decision
+        totals[decision] = totals.get(decision, 0) + 1
+        if record.upstream_error:
+            totals["upstream_errors"] += 1
+        self.proxy_latency.add(record.proxy_seconds)
+        if record.upstream_seconds is not None and not record.upstream_error:
+            self.upstream_latency.add(record.upstream_seconds)
+        if decision not in ("allowed", "blocked"):
+            return
+        blocked = decision == "blocked"
+        second = int(self.clock())
+        slot = self.timeline[second % TIMELINE_SECONDS]
+        if slot[0] != second:
+            slot[0], slot[1], slot[2] = second, 0, 0
+        slot[2 if blocked else 1] += 1
+        tier = self.tiers.get(record.tier)
+        if tier is None:
+            tier = self.tiers[record.tier] = Counts()
+        client = self.clients.get(record.client)
+        if client is None:
+            if len(self.clients) >= MAX_CLIENTS:
+                self._drop_least_busy()
+            client = self.clients[record.client] = ClientCounts(record.tier, record.identity)
+        for counts in (tier, client):
+            counts.requests += 1
+            if blocked:
+                counts.blocked += 1
+            else:
+                counts.allowed += 1
+
+    def _drop_least_busy(self) -> None:
+        """Keep the busier half: amortised O(1) per new client, bounded memory."""
+        ranked = sorted(self.clients.items(), key=lambda kv: (kv[1].requests, kv[1].blocked), reverse=True)
+        self.clients = dict(ranked[: MAX_CLIENTS // 2])
+
+    def top(self, n: int, *, by: str) -> list[tuple[str, ClientCounts]]:
+        candidates = [(cid, c) for cid, c in self.clients.items() if getattr(c, by) > 0]
+        candidates.sort(key=lambda kv: (getattr(kv[1], by), kv[1].requests), reverse=True)
+        return candidates[:n]
+
+    def timeline_points(self) -> list[dict[str, int]]:
+        now = int(self.clock())
+        points = [
+            {"t": slot[0], "allowed": slot[1], "blocked": slot[2]}
+            for slot in self.timeline
+            if slot[0] >= 0 and now - slot[0] < TIMELINE_SECONDS
+        ]
+        points.sort(key=lambda p: p["t"])
+        return points
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything but what needs the store or the config (see admin.stats_body)."""
+        totals = dict(self.totals)
+        requests = totals["requests"]
+        success = 100.0 if not requests else round(100.0 * (requests - totals["blocked"]) / requests, 2)
+        return {
+            "uptime_seconds": round(self.clock() - self.started, 3),
+            "totals": totals,
+            "success_rate_percent": success,
+            "latency_ms": {
+                "proxy": self.proxy_latency.percentiles(50, 95, 99),
+                "upstream": self.upstream_latency.percentiles(50, 95, 99),
+            },
+            "tiers": {name: {"requests": c.requests, "allowed": c.allowed, "blocked": c.blocked}
+                      for name, c in sorted(self.tiers.items())},
+            "timeline": self.timeline_points(),
+        }

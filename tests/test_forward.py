@@ -1,0 +1,185 @@
+"""Forwarding on the server port, against the real upstream_mock process."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+
+import aiohttp
+import pytest
+from harness import running
+from helpers import free_port
+from yarl import URL
+
+OPEN = """
+tiers:
+  anonymous:
+    unlimited: true
+upstream: {url: "{upstream}", timeout: 0.5, connect_timeout: 0.5}
+"""
+
+
+async def echo(tg, method: str, path: str, **kwargs) -> dict:
+    async with tg.session.request(method, URL(tg.url + path, encoded=True), **kwargs) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PROPFIND"])
+async def test_every_method_is_forwarded(upstream, method):
+    async with running(OPEN, upstream.url) as tg:
+        body = await echo(tg, method, "/anything", data=b"x" if method != "GET" else None)
+        assert body["method"] == method
+
+
+async def test_head_keeps_content_length_and_sends_no_body(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        async with tg.session.head(tg.url + "/users") as resp:
+            assert resp.status == 200
+            assert int(resp.headers["Content-Length"]) > 0
+            assert await resp.read() == b""
+
+
+async def test_raw_path_and_query_go_out_byte_exact(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        body = await echo(tg, "GET", "/a%2Fb/./x/../c//d?q=%20a+b&q=2&empty=&%7E")
+        assert body["path"] == "/a%2Fb/./x/../c//d"
+        assert body["query"] == "q=%20a+b&q=2&empty=&%7E"
+
+
+async def test_binary_body_round_trips(upstream):
+    payload = bytes(range(256)) * 40
+    async with running(OPEN, upstream.url) as tg:
+        body = await echo(tg, "POST", "/bin", data=payload)
+        assert base64.b64decode(body["body"]) == payload
+        assert body["body_sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+async def test_chunked_upload_streams_through(upstream):
+    chunks = [os.urandom(1000) for _ in range(50)]
+
+    async def gen():
+        for chunk in chunks:
+            yield chunk
+
+    async with running(OPEN, upstream.url) as tg:
+        body = await echo(tg, "POST", "/up", data=gen())
+        assert body["body_length"] == 50_000
+        assert body["body_sha256"] == hashlib.sha256(b"".join(chunks)).hexdigest()
+
+
+async def test_chunked_response_stays_chunked(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        async with tg.session.get(tg.url + "/stream/5") as resp:
+            assert resp.headers.get("Transfer-Encoding") == "chunked"
+            assert "Content-Length" not in resp.headers
+            lines = (await resp.text()).splitlines()
+        assert [json.loads(line)["chunk"] for line in lines] == [0, 1, 2, 3, 4]
+
+
+async def test_every_set_cookie_passes(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        async with tg.session.get(tg.url + "/cookies") as resp:
+            assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2; Path=/", "c=3; HttpOnly"]
+
+
+async def test_hop_by_hop_request_headers_are_dropped(upstream):
+    headers = {
+        "Connection": "X-Private, keep-alive", "X-Private": "secret", "Keep-Alive": "timeout=5",
+        "TE": "trailers", "Proxy-Authorization": "Basic eA==", "X-End": "kept",
+    }
+    async with running(OPEN, upstream.url) as tg:
+        body = await echo(tg, "GET", "/h", headers=headers)
+    names = {name.lower() for name, _ in body["headers"]}
+    assert not names & {"x-private", "keep-alive", "te", "proxy-authorization"}
+    assert ["X-End", "kept"] in body["headers"]
+
+
+async def test_hop_by_hop_response_headers_are_dropped(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        async with tg.session.get(tg.url + "/hop") as resp:
+            assert resp.headers["X-End-To-End"] == "yes"
+            for name in ("X-Custom-Hop", "Keep-Alive", "Proxy-Authenticate", "Trailer", "Upgrade"):
+                assert name not in resp.headers
+
+
+async def test_x_forwarded_headers(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        body = await echo(tg, "GET", "/xff", headers={"X-Forwarded-For": "203.0.113.9"})
+        host = URL(tg.url).authority
+    headers = dict(body["headers"])
+    assert headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+    assert headers["X-Forwarded-Proto"] == "http"
+    assert headers["X-Forwarded-Host"] == host
+    assert headers["Host"] == URL(upstream.url).authority  # preserve_host: false
+
+
+async def test_preserve_host_sends_the_clients_host(upstream):
+    cfg = OPEN.replace("connect_timeout: 0.5}", "connect_timeout: 0.5, preserve_host: true}")
+    async with running(cfg, upstream.url) as tg:
+        body = await echo(tg, "GET", "/host", headers={"Host": "api.example.com:8443"})
+    assert dict(body["headers"])["Host"] == "api.example.com:8443"
+
+
+async def test_redirects_are_passed_back_not_followed(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        async with tg.session.get(tg.url + "/redirect", allow_redirects=False) as resp:
+            assert resp.status == 302
+            assert resp.headers["Location"] == "/users"
+
+
+async def test_upstream_5xx_passes_through_as_is(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        async with tg.session.get(tg.url + "/status/503") as resp:
+            assert resp.status == 503
+            assert resp.content_type != "application/problem+json"
+
+
+async def test_closed_port_is_502_problem(upstream):
+    async with running(OPEN, f"http://127.0.0.1:{free_port()}") as tg:
+        async with tg.session.get(tg.url + "/users") as resp:
+            assert resp.status == 502
+            assert resp.content_type == "application/problem+json"
+            body = await resp.json()
+        assert body["error"] == "bad_gateway" and body["status"] == 502
+        assert tg.runtime.stats.totals["upstream_errors"] == 1
+
+
+async def test_slow_upstream_is_504_problem(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        async with tg.session.get(tg.url + "/delay/3") as resp:
+            assert resp.status == 504
+            body = await resp.json()
+        assert body["error"] == "gateway_timeout"
+        assert tg.runtime.stats.totals["upstream_errors"] == 1
+
+
+async def test_upstream_dying_mid_body_closes_the_client_connection(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with tg.session.get(tg.url + "/drop/5000") as resp:
+                assert resp.status == 200
+                await resp.read()
+        assert tg.runtime.stats.totals["upstream_errors"] == 1
+        # the proxy still serves others afterwards
+        status, _, _ = await tg.get("/users")
+        assert status == 200
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_body_over_max_body_size_is_413(upstream, chunked):
+    cfg = OPEN + "server: {max_body_size: 1000}\n"
+
+    async def gen():
+        for _ in range(10):
+            yield b"y" * 500
+
+    async with running(cfg, upstream.url) as tg:
+        data = gen() if chunked else b"y" * 5000
+        async with tg.session.post(tg.url + "/big", data=data) as resp:
+            assert resp.status == 413
+            assert (await resp.json())["error"] == "body_too_large"
+        body = await echo(tg, "POST", "/small", data=b"z" * 1000)
+        assert body["body_length"] == 1000
