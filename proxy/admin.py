@@ -48,7 +48,8 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
     if _token_ok(bearer, token) or _token_ok(request.cookies.get(COOKIE), token):
         return await handler(request)
     if request.path == "/" and _token_ok(request.query.get("token"), token):
-        response = web.HTTPSeeOther("/")  # drop the token from the address bar and history
+        # Redirect so the token leaves the address bar and the history.
+        response = web.Response(status=303, headers={"Location": "/"})
         response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
         return response
     return problem(401, "unauthorized", "The admin API needs Authorization: Bearer <admin.token>.",
