@@ -15,9 +15,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
-
-from aiohttp import web
+from collections.abc import Sequence
 
 from . import config as config_module
 from .accesslog import setup_logging
@@ -25,12 +23,9 @@ from .app import build_admin_app, build_proxy_app, build_runtime
 from .config import Config, ConfigError
 from .limits.factory import open_store
 from .mockproc import MockStartError, mock_upstream
+from .server import StartError, hostport, listen
 
 log = logging.getLogger("tollgate")
-
-
-class StartError(Exception):
-    """Tollgate cannot start for a reason the user can fix; the message says which."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -98,44 +93,21 @@ async def serve(config: Config, *, start_mock: bool) -> int:
         runtime = build_runtime(config, store)
         reloader = runtime.reloader
         await stack.enter_async_context(
-            _listen(build_proxy_app(runtime), config.server.host, config.server.port, "proxy",
+            listen(build_proxy_app(runtime), config.server.host, config.server.port, "proxy",
                     shutdown_timeout=config.server.shutdown_timeout,
                     keepalive_timeout=config.server.keepalive_timeout)
         )
         await stack.enter_async_context(
-            _listen(build_admin_app(runtime), config.admin.host, config.admin.port, "admin",
+            listen(build_admin_app(runtime), config.admin.host, config.admin.port, "admin",
                     shutdown_timeout=1.0)
         )
         await stack.enter_async_context(reloader.watching())
         loop.add_signal_handler(signal.SIGHUP, reloader.reload_soon, "SIGHUP")
-        print(f"Tollgate proxy      http://{_hostport(config.server.host, config.server.port)}/  ->  "
+        print(f"Tollgate proxy      http://{hostport(config.server.host, config.server.port)}/  ->  "
               f"{config.upstream.url}", flush=True)
-        print(f"Tollgate dashboard  http://{_hostport(config.admin.host, config.admin.port)}/", flush=True)
+        print(f"Tollgate dashboard  http://{hostport(config.admin.host, config.admin.port)}/", flush=True)
         await stop.wait()
     return 0
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@contextlib.asynccontextmanager
-async def _listen(app: web.Application, host: str, port: int, what: str, *,
-                  shutdown_timeout: float, keepalive_timeout: float = 75.0) -> AsyncIterator[web.AppRunner]:
-    """Serve `app`; on exit close the listener at once, then drain in-flight requests."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout,
-                           keepalive_timeout=keepalive_timeout)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise StartError(f"cannot listen on {_hostport(host, port)} for the {what} port: {reason}") from None
-        yield runner
-    finally:
-        await runner.cleanup()
 
 
 if __name__ == "__main__":

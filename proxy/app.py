@@ -37,7 +37,8 @@ def build_runtime(config: Config, store: Store, *, fallback: MemoryStore | None 
 
 def build_proxy_app(runtime: Runtime) -> web.Application:
     """The server port: every method and path goes to the one handler."""
-    app = web.Application(client_max_size=1024**4, handler_args={"max_field_size": 8190, "max_line_size": 8190})
+    # auto_decompress off: a gzip request body is forwarded as sent, not inflated.
+    app = web.Application(handler_args={"auto_decompress": False, "max_field_size": 8190, "max_line_size": 8190})
     app[RUNTIME] = runtime
     app.router.add_route("*", "/{tail:.*}", handle)
     app.cleanup_ctx.append(_upstream_session)

@@ -180,11 +180,9 @@ async def _stream(request: web.Request) -> web.StreamResponse:
     with contextlib.suppress(ConnectionResetError):
         await sse.prepare(request)
         async with sse:
-            retry: int | None = max(1000, int(dash.interval * 2000))
             while sse.is_connected() and not dash.closing.is_set():
                 data = json.dumps(await dash.stats(), separators=(",", ":"))
-                await sse.send(data, event="stats", retry=retry)
-                retry = None
+                await sse.send(data, event="stats")
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(dash.interval):
                         await dash.closing.wait()

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from aiohttp.test_utils import TestServer
 
 from proxy import config as config_module
 from proxy.app import build_admin_app, build_proxy_app, build_runtime
 from proxy.limits.memory import MemoryStore
 from proxy.limits.store import Clock, Store, wall_clock
 from proxy.runtime import Runtime
+from proxy.server import listen
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Tollgate:
 @contextlib.asynccontextmanager
 async def running(
     yaml_text: str, upstream_url: str = "http://127.0.0.1:9", *, clock: Clock = wall_clock,
-    store: Store | None = None, config_path: Path | None = None,
+    store: Store | None = None, config_path: Path | None = None, header_timeout: float = 10.0,
 ) -> AsyncIterator[Tollgate]:
     """Serve a Tollgate built from `yaml_text` (`{upstream}` is replaced by the URL)."""
     text = yaml_text.replace("{upstream}", upstream_url)
@@ -51,19 +51,16 @@ async def running(
         config = config_module.from_text(text)
     store = store if store is not None else MemoryStore(clock)
     runtime = build_runtime(config, store)
-    proxy_server = TestServer(build_proxy_app(runtime), host="127.0.0.1")
-    admin_server = TestServer(build_admin_app(runtime), host="127.0.0.1")
-    await proxy_server.start_server()
-    await admin_server.start_server()
-    session = aiohttp.ClientSession(auto_decompress=False)
-    try:
-        yield Tollgate(
-            url=str(proxy_server.make_url("")).rstrip("/"),
-            admin_url=str(admin_server.make_url("")).rstrip("/"),
-            runtime=runtime, store=store, session=session,
+    server = config.server
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(store.close)
+        port = await stack.enter_async_context(listen(
+            build_proxy_app(runtime), "127.0.0.1", 0, "proxy", shutdown_timeout=server.shutdown_timeout,
+            keepalive_timeout=server.keepalive_timeout, header_timeout=header_timeout,
+        ))
+        admin_port = await stack.enter_async_context(
+            listen(build_admin_app(runtime), "127.0.0.1", 0, "admin", shutdown_timeout=1.0)
         )
-    finally:
-        await session.close()
-        await admin_server.close()
-        await proxy_server.close()
-        await store.close()
+        session = await stack.enter_async_context(aiohttp.ClientSession(auto_decompress=False))
+        yield Tollgate(url=f"http://127.0.0.1:{port}", admin_url=f"http://127.0.0.1:{admin_port}",
+                       runtime=runtime, store=store, session=session)

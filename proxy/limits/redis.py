@@ -1,0 +1,191 @@
+"""Redis store: any number of proxy instances share every client's limits exactly.
+
+Each decision is one Lua script (lua/acquire.lua) that reads the state of all
+of a request's limits, decides with the arithmetic of `algorithms.py`, and
+writes only if every limit allows: atomic without WATCH/MULTI round trips. The
+script reads the Redis server's clock (`TIME`), so instances with skewed
+clocks still agree; tests inject a clock instead and get exact answers.
+
+Keys are `{prefix}{<16 hex of sha256(identity)>}:<limit key>`. The raw
+identity (it may hold an API key's digest or an address) never appears in
+Redis, and the hash tag puts all of one client's limits in one Cluster slot,
+which a multi-key script requires. Every key expires when its state is fresh
+again, so Redis memory follows recently active clients.
+
+This module only stores: any Redis failure becomes `StorageUnavailable`, and
+`proxy.limiter` decides what a request gets then (`storage.on_error`) and
+when to try again. That is why redis-py's own retries are off here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Final, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
+from redis.retry import Retry
+
+from ..config import StorageConfig, mask_url
+from .algorithms import (
+    Algorithm,
+    FixedWindow,
+    LeakyBucket,
+    Outcome,
+    SlidingWindow,
+    TokenBucket,
+)
+from .store import Clock, Limit, StorageUnavailable, Store, to_micros
+
+# Commands in flight at once; also each pool's size, so the pool never runs out
+# (redis-py raises rather than waits when it does). Enough to pipeline a busy
+# instance's decisions over a LAN round trip.
+MAX_CONNECTIONS: Final = 64
+HASH_CHARS: Final = 16
+FIELDS: Final = 5  # per limit in the script's reply: allowed, remaining, reset, retry, delay
+# Everything redis-py raises for a server that is down, hung, loading, or a
+# cluster that is reconfiguring (RedisClusterException is not a RedisError).
+REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
+
+RedisClient = Redis | RedisCluster
+T = TypeVar("T")
+
+
+class RedisStore(Store):
+    """State in Redis, one atomic script per decision; see the module docstring."""
+
+    backend = "redis"
+
+    def __init__(
+        self, client: RedisClient, *, url: str, key_prefix: str, clock: Clock | None = None
+    ) -> None:
+        self._client = client
+        self._url = url
+        self._prefix = key_prefix
+        self._clock = clock
+        self._script = client.register_script(_script_source())
+        self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
+
+    @classmethod
+    def from_config(cls, storage: StorageConfig, *, clock: Clock | None = None) -> RedisStore:
+        """A store for `storage.url`; nothing connects until the first call.
+
+        `clock` None reads Redis `TIME` (production: one clock for every
+        instance); a clock passes its time to the script (exact tests).
+        """
+        options = {
+            "socket_connect_timeout": storage.timeout,
+            "socket_timeout": storage.timeout,
+            "health_check_interval": 0,
+            "retry": Retry(NoBackoff(), 0),  # the limiter's backoff owns retrying
+            "max_connections": MAX_CONNECTIONS,
+        }
+        client: RedisClient
+        if storage.cluster:
+            client = RedisCluster.from_url(storage.url, **options)
+        else:
+            client = Redis.from_url(storage.url, **options)
+        return cls(client, url=storage.url, key_prefix=storage.key_prefix, clock=clock)
+
+    def key(self, identity: str, limit: Limit) -> str:
+        """The Redis key of `identity`'s state in `limit`."""
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:HASH_CHARS]
+        return f"{self._prefix}{{{digest}}}:{limit.key}"
+
+    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
+        return await self._decide("acquire", identity, limits, cost)
+
+    async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:
+        return await self._decide("peek", identity, limits, 0)
+
+    async def reset(self, identity: str, limits: Sequence[Limit]) -> None:
+        if limits:
+            keys = [self.key(identity, limit) for limit in limits]
+            await self._call(lambda: self._client.delete(*keys))
+
+    async def ping(self) -> None:
+        await self._call(self._client.ping)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _decide(
+        self, mode: str, identity: str, limits: Sequence[Limit], cost: int
+    ) -> list[Outcome]:
+        if not limits:
+            return []
+        now = "" if self._clock is None else str(to_micros(self._clock()))
+        args = [mode, now, str(cost)]
+        for limit in limits:
+            args.extend(script_args(limit.algorithm))
+        keys = [self.key(identity, limit) for limit in limits]
+        reply = await self._call(lambda: self._script(keys=keys, args=args))
+        return parse_reply(reply)
+
+    async def _call(self, command: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis command; any failure of Redis becomes StorageUnavailable.
+
+        A callable, not a coroutine, so nothing is left unawaited when a
+        caller's timeout cancels the wait for a free connection.
+        """
+        try:
+            async with self._in_flight:
+                return await command()
+        except REDIS_ERRORS as exc:
+            raise StorageUnavailable(self._describe(exc)) from exc
+
+    def _describe(self, exc: BaseException) -> str:
+        reason = str(exc) or type(exc).__name__
+        password = urlsplit(self._url).password
+        if password:  # redis-py never puts it in a message, but be sure
+            reason = reason.replace(password, "***").replace(unquote(password), "***")
+        return f"cannot use {mask_url(self._url)} ({reason})"
+
+
+def script_args(algorithm: Algorithm) -> tuple[str, str, str]:
+    """The algorithm's code and its two parameters as acquire.lua reads them.
+
+    Windows go in as integer microseconds computed exactly as algorithms.py
+    does (`round(window * 1e6)`), so the script never rounds anything itself.
+    """
+    params: tuple[float, float]
+    if isinstance(algorithm, TokenBucket):
+        params = (algorithm.capacity, algorithm.refill_rate)
+    elif isinstance(algorithm, SlidingWindow):
+        params = (algorithm.limit, to_micros(algorithm.window_seconds))
+    elif isinstance(algorithm, FixedWindow):
+        params = (algorithm.limit, max(1, to_micros(algorithm.window_seconds)))
+    elif isinstance(algorithm, LeakyBucket):
+        params = (algorithm.rate, algorithm.queue)
+    else:
+        raise TypeError(f"acquire.lua has no port of {type(algorithm).__name__}")
+    # repr() of a float is its shortest exact form; Lua's tonumber reads it back exactly.
+    return algorithm.short, repr(params[0]), repr(params[1])
+
+
+def parse_reply(reply: object) -> list[Outcome]:
+    """The script's 5 strings per limit back into Outcomes (%.17g: exact doubles)."""
+    if not isinstance(reply, list) or len(reply) % FIELDS:
+        raise StorageUnavailable(f"unexpected reply from acquire.lua: {reply!r:.200}")
+    return [
+        Outcome(
+            allowed=reply[i] == b"1",
+            remaining=int(float(reply[i + 1])),
+            reset=float(reply[i + 2]),
+            retry_after=float(reply[i + 3]),
+            delay=float(reply[i + 4]),
+        )
+        for i in range(0, len(reply), FIELDS)
+    ]
+
+
+@functools.cache
+def _script_source() -> str:
+    return (resources.files(__package__) / "lua" / "acquire.lua").read_text(encoding="utf-8")

@@ -1,0 +1,121 @@
+"""aiohttp's server with a header-read timeout, which aiohttp does not have.
+
+A client that opens a connection and trickles its request line and headers
+(slowloris) would otherwise hold a connection until the keep-alive timeout.
+Here every request's head must arrive within `header_timeout` seconds of its
+first byte (or of the connection opening); nginx calls this
+`client_header_timeout`. Bodies and idle keep-alive connections are not
+affected: those have their own timeouts.
+
+This hooks two aiohttp internals (`RequestHandler.data_received`, the
+`_request_count` it bumps per parsed request head, and
+`AppRunner._make_server`): small, and covered by tests that would fail if
+aiohttp changed them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
+
+HEADER_TIMEOUT = 10.0  # seconds; nginx's client_header_timeout defaults to 60
+
+
+class GuardedRequestHandler(RequestHandler):
+    header_timeout: float = HEADER_TIMEOUT
+    _header_timer: asyncio.TimerHandle | None = None
+    _armed_at_count: int = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count > before:
+            self._disarm()  # a whole request head arrived
+        elif self._header_timer is None and not self._request_in_progress and not self._messages:
+            self._arm()  # first bytes of the next request on a kept-alive connection
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._armed_at_count = self._request_count
+        self._header_timer = self._loop.call_later(self.header_timeout, self._expire)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _expire(self) -> None:
+        self._header_timer = None
+        if self._request_in_progress or self._messages or self._request_count != self._armed_at_count:
+            return
+        if self.transport is not None:
+            self.transport.close()
+
+
+class GuardedServer(Server):
+    """aiohttp's Server, building GuardedRequestHandler connections."""
+
+    header_timeout: float = HEADER_TIMEOUT
+
+    def __call__(self) -> RequestHandler:
+        handler = GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.header_timeout = self.header_timeout
+        return handler
+
+
+class GuardedRunner(web.AppRunner):
+    """An AppRunner whose connections get the header-read timeout."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float = HEADER_TIMEOUT, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        server.__class__ = GuardedServer  # same state, one method added
+        assert isinstance(server, GuardedServer)
+        server.header_timeout = self._header_timeout
+        return server
+
+
+class StartError(Exception):
+    """Tollgate cannot start for a reason the user can fix; the message says which."""
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@contextlib.asynccontextmanager
+async def listen(
+    app: web.Application, host: str, port: int, what: str, *, shutdown_timeout: float,
+    keepalive_timeout: float = 75.0, header_timeout: float = HEADER_TIMEOUT,
+) -> AsyncIterator[int]:
+    """Serve `app`, yielding the bound port; on exit close the listener at once,
+    then drain in-flight requests up to `shutdown_timeout`."""
+    runner = GuardedRunner(app, handle_signals=False, access_log=None, shutdown_timeout=shutdown_timeout,
+                           keepalive_timeout=keepalive_timeout, header_timeout=header_timeout)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise StartError(f"cannot listen on {hostport(host, port)} for the {what} port: {reason}") from None
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
