@@ -26,6 +26,9 @@ from .limits.store import Limit
 NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]+\Z")
 HEX64_RE: Final = re.compile(r"[0-9a-fA-F]{64}\Z")
 DEFAULT_TIER: Final = {"limits": [{"algorithm": "token_bucket", "capacity": 100, "refill_rate": 10}]}
+CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
+PARAM_MAX: Final = 1e9  # capacities, rates and windows beyond this are typos, and overflow w
+PARAM_MIN_FRACTION: Final = 1e-6
 HEADER_NAME_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -142,22 +145,25 @@ class Config:
 # --- YAML loading: duplicate keys are errors, not last-one-wins -------------
 
 
-class _Loader(yaml.SafeLoader):
-    duplicates: list[str]
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
-        if isinstance(key, (str, int, float, bool)) and key in seen:
-            line = key_node.start_mark.line + 1
-            loader.duplicates.append(f"line {line}: duplicate key {json.dumps(key)}")
-        seen.add(key) if isinstance(key, (str, int, float, bool)) else None
-    return loader.construct_mapping(node, deep=deep)  # type: ignore[no-untyped-call]
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+def _duplicates(node: yaml.Node | None, path: str, out: list[str]) -> None:
+    """Report keys given twice in a mapping, by key path; API keys are never shown."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            child = f"{path}.{key}" if path else str(key)
+            if path == "api_keys":
+                child = "api_keys[...]"  # the mapping key is the secret itself
+            if key is not None and key in seen:
+                line = key_node.start_mark.line + 1
+                what = "an API key is given twice" if path == "api_keys" else f"duplicate key {show(key)}"
+                out.append(f"{path or 'top level'}: {what} (line {line}); the last one would win")
+            if key is not None:
+                seen.add(key)
+            _duplicates(value_node, child, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _duplicates(item, f"{path}[{index}]", out)
 
 
 def parse_yaml(text: str) -> tuple[Any, list[str]]:
@@ -166,10 +172,12 @@ def parse_yaml(text: str) -> tuple[Any, list[str]]:
     Duplicates are returned, not raised, so the rest of the file is still
     validated and every error is reported at once.
     """
-    loader = _Loader(text)
-    loader.duplicates = []
+    loader = yaml.SafeLoader(text)
+    duplicates: list[str] = []
     try:
-        tree = loader.get_single_data()  # type: ignore[no-untyped-call]
+        node = loader.get_single_node()  # type: ignore[no-untyped-call]
+        _duplicates(node, "", duplicates)
+        tree = loader.construct_document(node) if node is not None else None  # type: ignore[no-untyped-call]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -177,7 +185,7 @@ def parse_yaml(text: str) -> tuple[Any, list[str]]:
         raise ConfigError([f"{where}invalid YAML: {problem}"]) from exc
     finally:
         loader.dispose()  # type: ignore[no-untyped-call]
-    return tree, loader.duplicates
+    return tree, duplicates
 
 
 # --- validation --------------------------------------------------------------
@@ -202,7 +210,8 @@ class _Checker:
 
     def error(self, path: str, message: str, value: Any = _MISSING) -> None:
         got = "" if value is _MISSING else f", got {show(value)}"
-        self.errors.append(f"{path}: {message}{got}")
+        path = CONTROL_RE.sub(lambda m: json.dumps(m.group())[1:-1], path)  # one error, one line
+        self.errors.append(f"{path}: {message}{got}" if path else f"{message}{got}")
 
     def mapping(self, path: str, value: Any, allowed: Mapping[str, Any] | None) -> dict[str, Any]:
         """A mapping with known keys only; None (an empty section) is an empty mapping."""
@@ -303,16 +312,16 @@ def _url(ck: _Checker, path: str, value: Any, default: str, schemes: tuple[str, 
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ***, for logs and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "***"
-    if parts.password is None and not parts.username:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    user = f"{parts.username}:" if parts.username and parts.password is not None else ""
-    return parts._replace(netloc=f"{user}***@{host}{port}").geturl()
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.split(":", 1)[0]
+    masked = f"{user}:***" if ":" in userinfo and user else "***"
+    return f"{scheme}://{masked}@{hostport}{slash}{tail}"
 
 
 def _read_sections(ck: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
@@ -399,8 +408,11 @@ def _limit(ck: _Checker, path: str, raw: Any, tier: str, taken: set[str]) -> Lim
             ok = False
             continue
         before = len(ck.errors)
-        params[pname] = ck.number(f"{path}.{pname}", spec[pname], None, minimum=param.minimum,
-                                  exclusive=param.exclusive, integer=param.integer)
+        value = ck.number(f"{path}.{pname}", spec[pname], None, minimum=param.minimum,
+                          exclusive=param.exclusive, integer=param.integer)
+        if value is not None and (value > PARAM_MAX or 0 < value < PARAM_MIN_FRACTION):
+            ck.error(f"{path}.{pname}", f"must be between {PARAM_MIN_FRACTION:g} and {PARAM_MAX:g}", value)
+        params[pname] = value
         ok = ok and len(ck.errors) == before
     name = spec.get("name")
     if name is None:
@@ -465,7 +477,8 @@ def _api_keys(ck: _Checker, raw: Any, tiers: Mapping[str, Tier], known: Mapping[
     for index, (key, spec) in enumerate(entries.items()):
         body = spec if isinstance(spec, dict) else {}
         name = body.get("name")
-        path = f"api_keys.{name}" if isinstance(name, str) and name else f"api_keys[{index}]"
+        named = isinstance(name, str) and name and not CONTROL_RE.search(name)
+        path = f"api_keys.{name}" if named else f"api_keys[{index}]"
         body = ck.mapping(path, spec, {"tier": None, "name": None})
         if not isinstance(name, str) or not name or any(c in name for c in "\r\n\t"):
             ck.error(f"{path}.name", "is required: a non-empty single-line string naming the key",
@@ -475,9 +488,12 @@ def _api_keys(ck: _Checker, raw: Any, tiers: Mapping[str, Tier], known: Mapping[
         else:
             names.add(name)
         tier = body.get("tier")
-        if tier not in tiers and tier not in known:
+        if not isinstance(tier, str) or (tier not in tiers and tier not in known):
             ck.error(f"{path}.tier", "must name a tier in tiers (" + ", ".join(sorted(known)) + ")",
                      tier if "tier" in body else None)
+        if not key:
+            ck.error(path, "the API key must not be empty")
+            continue
         if key.lower().startswith("sha256:"):
             hexpart = key[len("sha256:"):]
             if not HEX64_RE.match(hexpart):

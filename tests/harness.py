@@ -41,6 +41,7 @@ class Tollgate:
 async def running(
     yaml_text: str, upstream_url: str = "http://127.0.0.1:9", *, clock: Clock = wall_clock,
     store: Store | None = None, config_path: Path | None = None, header_timeout: float = 10.0,
+    watch_interval: float | None = None,
 ) -> AsyncIterator[Tollgate]:
     """Serve a Tollgate built from `yaml_text` (`{upstream}` is replaced by the URL)."""
     text = yaml_text.replace("{upstream}", upstream_url)
@@ -61,6 +62,8 @@ async def running(
         admin_port = await stack.enter_async_context(
             listen(build_admin_app(runtime), "127.0.0.1", 0, "admin", shutdown_timeout=1.0)
         )
+        if watch_interval is not None:
+            await stack.enter_async_context(runtime.reloader.watching(watch_interval))
         session = await stack.enter_async_context(aiohttp.ClientSession(auto_decompress=False))
         yield Tollgate(url=f"http://127.0.0.1:{port}", admin_url=f"http://127.0.0.1:{admin_port}",
                        runtime=runtime, store=store, session=session)

@@ -1,0 +1,259 @@
+"""RedisStore against real redis-server processes: layout, expiry, failures, Cluster, load.
+
+The behaviour table in test_algorithms.py already runs on Redis; here are
+the properties only Redis has: what the keys look like (no raw identity, a
+hash tag per client, a TTL that ends when the state is fresh), what a dead,
+hung or restarted server does to a call (StorageUnavailable, fast, then
+recovery without a new store), a Cluster whose clients live on different
+nodes, concurrent requests for one client, and a random differential run
+against the memory store that must agree to the last bit. The injected clock
+makes the expected values exact; nothing here sleeps to let time pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Final
+
+import pytest
+from helpers import FakeClock, RedisCluster, RedisServer, redis_command
+from redis.crc import key_slot
+
+from proxy.config import StorageConfig
+from proxy.limits.algorithms import (
+    Algorithm,
+    FixedWindow,
+    LeakyBucket,
+    Outcome,
+    SlidingWindow,
+    TokenBucket,
+)
+from proxy.limits.memory import MemoryStore
+from proxy.limits.redis import RedisStore
+from proxy.limits.store import Limit, StorageUnavailable
+
+PREFIX: Final = "tg-test:"
+API_KEY_DIGEST: Final = hashlib.sha256(b"demo-secret-key").hexdigest()
+IDENTITIES: Final = (f"k:{API_KEY_DIGEST}", "a:203.0.113.9", "c:partner-42")
+KEY_RE: Final = re.compile(rf"{re.escape(PREFIX)}\{{([0-9a-f]{{16}})\}}:(.+)")
+PTTL_SLACK_MS: Final = 250  # real time that may pass between a script and PTTL
+
+
+def limit(algorithm: Algorithm, name: str) -> Limit:
+    return Limit(name=name, algorithm=algorithm, key=f"t.{name}.{algorithm.short}")
+
+
+FOUR: Final = [
+    limit(TokenBucket(10, 2), "tb"),
+    limit(SlidingWindow(5, 60), "sw"),
+    limit(FixedWindow(5, 60), "fw"),
+    limit(LeakyBucket(2, 3), "lb"),
+]
+
+StoreFactory = Callable[..., RedisStore]
+
+
+@pytest.fixture
+async def make_store(redis_server: RedisServer) -> AsyncIterator[StoreFactory]:
+    """Factory of stores on the test's Redis (`url=`, `timeout=`, `clock=`), closed after."""
+    stores: list[RedisStore] = []
+
+    def make(*, url: str | None = None, timeout: float = 1.0, clock: FakeClock | None = None,
+             cluster: bool = False) -> RedisStore:  # fmt: skip
+        storage = StorageConfig(
+            backend="redis", url=url or redis_server.url, cluster=cluster,
+            key_prefix=PREFIX, timeout=timeout,
+        )  # fmt: skip
+        stores.append(RedisStore.from_config(storage, clock=clock))
+        return stores[-1]
+
+    yield make
+    for store in stores:
+        await store.close()
+
+
+def scan(port: int) -> list[str]:
+    cursor, keys = "0", []
+    while True:
+        reply = redis_command(port, "SCAN", cursor, "COUNT", "1000")
+        assert isinstance(reply, list)
+        cursor, batch = reply[0].decode(), reply[1]  # type: ignore[union-attr]
+        keys += [key.decode() for key in batch]  # type: ignore[union-attr]
+        if cursor == "0":
+            return keys
+
+
+def pttl(port: int, key: str) -> int:
+    value = redis_command(port, "PTTL", key)
+    assert isinstance(value, int)
+    return value
+
+
+def assert_pttl(port: int, key: str, seconds: float) -> None:
+    """The key expires when its state is fresh: `seconds` from the script, not earlier."""
+    expected = math.ceil(seconds * 1000)
+    assert expected - PTTL_SLACK_MS < pttl(port, key) <= expected
+
+
+async def test_key_layout(make_store: StoreFactory, redis_server: RedisServer,
+                          fake_clock: FakeClock) -> None:  # fmt: skip
+    store = make_store(clock=fake_clock)
+    now = round(fake_clock() * 1_000_000)
+    to_fresh: dict[str, float] = {}  # the algorithm's ttl: when the state is fresh again
+    for identity in IDENTITIES:
+        await store.acquire(identity, FOUR, 2)
+        for lim in FOUR:
+            state = lim.algorithm.check(None, now, 2)[1]
+            to_fresh[store.key(identity, lim)] = lim.algorithm.ttl(state, now)
+    keys = scan(redis_server.port)
+    assert sorted(keys) == sorted(to_fresh)
+    tags = set()
+    for key in keys:
+        match = KEY_RE.fullmatch(key)
+        assert match, key
+        tags.add(match[1])
+        assert match[2] in {lim.key for lim in FOUR}
+        for secret in (API_KEY_DIGEST[:16], API_KEY_DIGEST[-16:], "203.0.113.9", "partner-42"):
+            assert secret not in key
+        assert_pttl(redis_server.port, key, to_fresh[key])
+    assert len(tags) == len(IDENTITIES)
+    for identity in IDENTITIES:  # one slot per client: a Cluster can run the script
+        assert len({key_slot(store.key(identity, lim).encode()) for lim in FOUR}) == 1
+
+
+async def test_keys_expire_exactly_when_fresh(make_store: StoreFactory, redis_server: RedisServer,
+                                              fake_clock: FakeClock) -> None:  # fmt: skip
+    store, port = make_store(clock=fake_clock), redis_server.port
+    tb, sw, fw, lb = FOUR
+    key = {lim.name: store.key("a:203.0.113.9", lim) for lim in FOUR}
+    await store.acquire("a:203.0.113.9", FOUR, 4)  # fixed window: t0 is 20 s into its minute
+    assert_pttl(port, key["tb"], 2.0)  # 4 tokens at 2/s
+    assert_pttl(port, key["sw"], 60.0)
+    assert_pttl(port, key["fw"], 40.0)
+    assert_pttl(port, key["lb"], 2.0)  # backlog 4 at 2/s
+    fake_clock.advance(1.5)
+    await store.acquire("a:203.0.113.9", [tb, sw, lb], 1)
+    assert_pttl(port, key["tb"], 1.0)  # 9 tokens, 1 used: 8, 2 short
+    assert_pttl(port, key["sw"], 60.0)  # the newest entry's window
+    assert_pttl(port, key["lb"], 1.0)  # 4 - 3 drained + 1
+    before = {name: redis_command(port, "GET", k) for name, k in key.items()}
+    refused = await store.acquire("a:203.0.113.9", FOUR, 1)  # sliding window is full
+    assert [o.allowed for o in refused] == [True, False, True, True]
+    assert {name: redis_command(port, "GET", k) for name, k in key.items()} == before
+    assert pttl(port, key["tb"]) <= 1000  # a refusal extends nothing
+    fake_clock.advance(1.0)  # the token bucket is exactly full again
+    await store.acquire("a:203.0.113.9", [tb], 0)  # fresh state is not kept
+    assert redis_command(port, "EXISTS", key["tb"]) == 0
+
+
+async def test_matches_memory_store_bit_for_bit(make_store: StoreFactory,
+                                                fake_clock: FakeClock) -> None:  # fmt: skip
+    """Random requests at awkward instants: every Outcome field must be == (no tolerance)."""
+    rng = random.Random(20240607)
+    algorithms: list[Algorithm] = [
+        TokenBucket(7, 0.3), TokenBucket(100, 33.3), SlidingWindow(5, 2.5),
+        SlidingWindow(4, 0.75), FixedWindow(4, 1.5), FixedWindow(10, 3600),
+        LeakyBucket(0.7, 3), LeakyBucket(5, 0), LeakyBucket(1 / 3, 2),
+    ]  # fmt: skip
+    limits = [limit(alg, f"l{i}") for i, alg in enumerate(algorithms)]
+    redis_store, memory = make_store(clock=fake_clock), MemoryStore(fake_clock)
+    for step in range(600):
+        fake_clock.advance(rng.choice([0, 1e-6, 0.1, 1 / 3, rng.uniform(0, 2), 0.75]))
+        chosen = rng.sample(limits, rng.randint(1, 3))
+        identity = rng.choice(IDENTITIES)
+        if rng.random() < 0.15:
+            got, want = await redis_store.peek(identity, chosen), await memory.peek(identity, chosen)
+        else:
+            cost = rng.randint(1, 3)
+            got = await redis_store.acquire(identity, chosen, cost)
+            want = await memory.acquire(identity, chosen, cost)
+        assert (step, got) == (step, want)
+
+
+async def test_killed_redis_fails_fast_then_recovers(make_store: StoreFactory,
+                                                     redis_server: RedisServer) -> None:  # fmt: skip
+    store = make_store()
+    masked = make_store(url=f"redis://:hunter2-pw@127.0.0.1:{redis_server.port}/0")
+    assert (await store.acquire("a:203.0.113.9", FOUR, 1))[0].remaining == 9
+    redis_server.kill()
+    for call in (lambda: store.acquire("a:203.0.113.9", FOUR, 1), store.ping,
+                 lambda: masked.acquire("a:203.0.113.9", FOUR, 1)):  # fmt: skip
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable) as failure:
+            await call()
+        assert time.monotonic() - started < 1.0
+    assert f"127.0.0.1:{redis_server.port}" in str(failure.value)
+    assert "***" in str(failure.value) and "hunter2" not in str(failure.value)
+    redis_server.restart()  # empty, and its script cache too: NOSCRIPT reloads
+    assert (await store.acquire("a:203.0.113.9", FOUR, 1))[0].remaining == 9
+    await store.ping()
+
+
+async def test_hung_redis_times_out_then_recovers(make_store: StoreFactory,
+                                                  redis_server: RedisServer) -> None:  # fmt: skip
+    store = make_store(timeout=0.2)
+    await store.acquire("a:203.0.113.9", FOUR, 1)
+    redis_server.stop()
+    try:
+        for _ in range(2):  # a pooled connection, then a new one
+            started = time.monotonic()
+            with pytest.raises(StorageUnavailable, match="Timeout"):
+                await store.acquire("a:203.0.113.9", FOUR, 1)
+            assert time.monotonic() - started < 0.2 + 0.3
+    finally:
+        redis_server.cont()
+    # A script already sent when the client gave up still runs once Redis
+    # resumes (nothing can take it back), so up to two more tokens are gone.
+    [bucket, *_] = await store.acquire("a:203.0.113.9", FOUR, 1)
+    assert bucket.allowed and 6 <= bucket.remaining <= 8
+    assert (await store.acquire("c:after", FOUR, 1))[0].remaining == 9
+
+
+async def test_redis_errors_become_storage_unavailable(make_store: StoreFactory,
+                                                       redis_server: RedisServer) -> None:  # fmt: skip
+    store = make_store()
+    redis_command(redis_server.port, "HSET", store.key("a:203.0.113.9", FOUR[0]), "x", "1")
+    with pytest.raises(StorageUnavailable, match="WRONGTYPE"):
+        await store.acquire("a:203.0.113.9", FOUR, 1)
+    redis_command(redis_server.port, "SCRIPT", "FLUSH")
+    assert (await store.acquire("c:other", FOUR, 1))[0].remaining == 9
+
+
+async def test_cluster_clients_on_every_node(redis_cluster: RedisCluster,
+                                             fake_clock: FakeClock) -> None:  # fmt: skip
+    storage = StorageConfig(backend="redis", url=redis_cluster.url, cluster=True,
+                            key_prefix=PREFIX, timeout=1.0)  # fmt: skip
+    store, memory = RedisStore.from_config(storage, clock=fake_clock), MemoryStore(fake_clock)
+    limits = [limit(TokenBucket(3, 1), "burst"), limit(FixedWindow(2, 60), "daily")]
+    identities = [f"a:198.51.100.{n}" for n in range(12)]
+    try:
+        for _ in range(3):
+            for identity in identities:
+                got = await store.acquire(identity, limits, 1)
+                assert got == await memory.acquire(identity, limits, 1)
+        assert [o.allowed for o in got] == [True, False]
+        for identity in identities:
+            assert await store.peek(identity, limits) == await memory.peek(identity, limits)
+            await store.reset(identity, limits)
+            assert await store.peek(identity, limits) == [Outcome(True, 3, 0.0), Outcome(True, 2, 0.0)]
+        await store.ping()
+    finally:
+        await store.close()
+    slots = {key_slot(store.key(identity, limits[0]).encode()) for identity in identities}
+    assert {slot * 3 // 16384 for slot in slots} == {0, 1, 2}  # all three nodes' ranges
+
+
+async def test_concurrent_requests_admit_exactly_capacity(make_store: StoreFactory) -> None:
+    store = make_store()  # the server's clock (TIME): refill over the test is ~0.001 tokens
+    bucket = [limit(TokenBucket(100, 0.001), "tb")]
+    outcomes = await asyncio.gather(*(store.acquire("k:busy", bucket, 1) for _ in range(300)))
+    allowed = [o for [o] in outcomes if o.allowed]
+    assert len(allowed) == 100
+    assert sorted(o.remaining for o in allowed) == list(range(100))
+    assert all(o.retry_after > 0 for [o] in outcomes if not o.allowed)

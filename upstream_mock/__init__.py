@@ -1,0 +1,1 @@
+"""A small mock upstream API, run as its own process."""
