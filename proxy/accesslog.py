@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from .records import RequestRecord
 
 access_log = logging.getLogger("tollgate.access")
@@ -31,6 +33,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class DropClientParseErrors(logging.Filter):
+    """aiohttp logs a traceback for every malformed request it answers with 400.
+
+    Those are the client's mistakes (or a scanner's), already answered; a
+    flood of them must not flood the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
 def setup_logging(fmt: str, stream: Any = None) -> None:
     """Route all logging through a background thread to stderr in `fmt` (text|json)."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -44,6 +58,7 @@ def setup_logging(fmt: str, stream: Any = None) -> None:
     root.handlers[:] = [logging.handlers.QueueHandler(q)]
     root.setLevel(logging.INFO)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(DropClientParseErrors())
     listener.start()
     atexit.register(listener.stop)
 

@@ -39,6 +39,10 @@ class BodyTooLarge(Exception):
     """The client's body exceeded server.max_body_size while streaming."""
 
 
+class ClientGone(Exception):
+    """The client went away before the exchange finished (nginx logs this as 499)."""
+
+
 class UpstreamBroken(Exception):
     """The upstream died after its response had started: the client's connection must close."""
 
@@ -108,10 +112,19 @@ class _Body:
         self._request = request
         self._limit = limit
         self.too_large = False
+        self.client_gone = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         sent = 0
-        async for chunk in self._request.content.iter_chunked(CHUNK):
+        chunks = self._request.content.iter_chunked(CHUNK)
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except (ConnectionError, aiohttp.ClientPayloadError, web.HTTPException) as exc:
+                self.client_gone = True
+                raise ClientGone from exc
             sent += len(chunk)
             if self._limit is not None and sent > self._limit:
                 self.too_large = True
@@ -151,6 +164,8 @@ async def forward(
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         if body is not None and body.too_large:
             raise BodyTooLarge from exc
+        if (body is not None and body.client_gone) or request.transport is None or request.transport.is_closing():
+            raise ClientGone from exc
         raise
 
 
@@ -174,7 +189,7 @@ async def _exchange(
         try:
             async for chunk in upstream_response.content.iter_any():
                 await response.write(chunk)
-        except ConnectionResetError:
+        except ConnectionError:
             return response  # the client went away; aiohttp drops the connection quietly
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise UpstreamBroken(response, str(exc) or type(exc).__name__) from exc

@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from .config import Config, Route, Tier
-from .forward import BodyTooLarge, UpstreamBroken, forward, upstream_failure
+from .forward import BodyTooLarge, ClientGone, UpstreamBroken, forward, upstream_failure
 from .identity import Rejection, resolve
 from .limiter import Decision
 from .problems import problem
@@ -102,9 +102,13 @@ async def _forward(
         record.status = exc.response.status
         runtime.observe(record, time.perf_counter() - started)
         return exc.response
+    except ClientGone:
+        # Nobody to answer; the upstream exchange was abandoned and its connection closed.
+        record.status = 499
+        record.upstream_seconds = time.perf_counter() - upstream_started
+        runtime.observe(record, time.perf_counter() - started)
+        return web.Response(status=499)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        if request.transport is None or request.transport.is_closing():
-            raise  # the client went away mid-upload
         response, kind = upstream_failure(exc, runtime.upstream)
         record.upstream_error = kind
         record.upstream_seconds = time.perf_counter() - upstream_started

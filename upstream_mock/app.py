@@ -167,12 +167,15 @@ async def random_bytes(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = remaining
     await response.prepare(request)
-    while remaining > 0:
-        size = min(CHUNK_SIZE, remaining)
-        offset = random.randrange(_RANDOM_POOL_SIZE)
-        await response.write(_RANDOM_POOL[offset : offset + size])
-        remaining -= size
-    await response.write_eof()
+    try:
+        while remaining > 0:
+            size = min(CHUNK_SIZE, remaining)
+            offset = random.randrange(_RANDOM_POOL_SIZE)
+            await response.write(_RANDOM_POOL[offset : offset + size])
+            remaining -= size
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client went away mid-download: a normal event, not an error
     return response
 
 
