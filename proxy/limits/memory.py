@@ -73,6 +73,7 @@ class MemoryStore(Store):
             if limit is None:
                 continue
             identities = list(table)
+            before = len(identities)
             for start in range(0, len(identities), SWEEP_CHUNK):
                 now = to_micros(self._clock())
                 for identity in identities[start : start + SWEEP_CHUNK]:
@@ -81,4 +82,7 @@ class MemoryStore(Store):
                         del table[identity]
                         dropped += 1
                 await asyncio.sleep(0)
+            if len(table) < before // 2:
+                # dicts never shrink on delete: copy to give the memory back
+                self._tables[key] = dict(table)
         return dropped
