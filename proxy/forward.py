@@ -154,7 +154,10 @@ async def forward(
     Raises BodyTooLarge before the response started, UpstreamBroken after,
     and aiohttp/timeout errors for `upstream_failure` to map.
     """
-    path, _, query = request.raw_path.partition("?")
+    raw = request.raw_path
+    if not raw.startswith("/"):  # absolute-form request target (RFC 9112 §3.2.2)
+        raw = URL(raw, encoded=True).raw_path_qs
+    path, _, query = raw.partition("?")
     # URL.build keeps dot segments and %2F as sent; URL.join would resolve them.
     url = URL.build(scheme=upstream.base.scheme, authority=upstream.base.raw_authority,
                     path=upstream.base_path + path, query_string=query, encoded=True)

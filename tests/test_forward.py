@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -47,6 +48,17 @@ async def test_raw_path_and_query_go_out_byte_exact(upstream):
         body = await echo(tg, "GET", "/a%2Fb/./x/../c//d?q=%20a+b&q=2&empty=&%7E")
         assert body["path"] == "/a%2Fb/./x/../c//d"
         assert body["query"] == "q=%20a+b&q=2&empty=&%7E"
+
+
+async def test_absolute_form_request_target_is_forwarded_by_its_path(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(tg.url.rsplit(":", 1)[1]))
+        writer.write(b"GET http://api.example.com/a/../b%2F?x=%2F HTTP/1.1\r\nHost: api.example.com\r\n"
+                     b"Connection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["path"] == "/a/../b%2F" and body["query"] == "x=%2F"
 
 
 async def test_binary_body_round_trips(upstream):
