@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
-def _run(coro: "asyncio.Future[int] | object") -> int:
+def _run(coro: asyncio.Future[int] | object) -> int:
     try:
         import uvloop
     except ImportError:

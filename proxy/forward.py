@@ -164,7 +164,7 @@ async def forward(
     body = _Body(request, upstream.max_body_size) if request.body_exists else None
     try:
         return await _exchange(request, session, upstream, url, body, extra_headers)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         if body is not None and body.too_large:
             raise BodyTooLarge from exc
         if (body is not None and body.client_gone) or request.transport is None or request.transport.is_closing():
@@ -194,7 +194,7 @@ async def _exchange(
                 await response.write(chunk)
         except ConnectionError:
             return response  # the client went away; aiohttp drops the connection quietly
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             raise UpstreamBroken(response, str(exc) or type(exc).__name__) from exc
         await response.write_eof()
         return response

@@ -108,7 +108,7 @@ async def _forward(
         record.upstream_seconds = time.perf_counter() - upstream_started
         runtime.observe(record, time.perf_counter() - started)
         return web.Response(status=499)
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         response, kind = upstream_failure(exc, runtime.upstream)
         record.upstream_error = kind
         record.upstream_seconds = time.perf_counter() - upstream_started

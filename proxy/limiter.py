@@ -94,7 +94,7 @@ class Limiter:
     def _failed(self, exc: BaseException) -> None:
         health = self.health
         health.errors += 1
-        reason = str(exc) or ("timed out after %gs" % self.timeout)
+        reason = str(exc) or f"timed out after {self.timeout:g}s"
         health.last_error = reason
         now = time.monotonic()
         if health.healthy:

@@ -130,10 +130,7 @@ class Reloader:
         if signature is None or signature == self._signature:
             return False
         self._signature = signature
-        digest = _digest(path)
-        if digest == self._digest:
-            return False
-        return True
+        return _digest(path) != self._digest
 
     @contextlib.asynccontextmanager
     async def watching(self, interval: float = POLL_INTERVAL) -> AsyncIterator[None]:

@@ -13,9 +13,9 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
+from .accesslog import log_request
 from .config import Config
 from .forward import Upstream
-from .accesslog import log_request
 from .limiter import Limiter
 from .metrics import Metrics
 from .records import Observer, RequestRecord
@@ -34,7 +34,7 @@ def upstream_of(config: Config) -> Upstream:
 class Runtime:
     config: Config
     limiter: Limiter
-    session: aiohttp.ClientSession | None = None
+    session: aiohttp.ClientSession = field(init=False)  # opened by the proxy app's cleanup_ctx
     upstream: Upstream = field(init=False)
     stats: Stats = field(default_factory=Stats)
     metrics: Metrics = field(init=False)

@@ -65,7 +65,7 @@ async def test_slow_header_client_is_cut_off_while_others_are_served(upstream):
                 writer.write(b"X-Trickle-%d: 1\r\n" % i)
                 await writer.drain()
                 data = await asyncio.wait_for(reader.read(1), 0.1)
-            except (ConnectionError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ConnectionError) as exc:
                 if isinstance(exc, asyncio.TimeoutError):
                     continue
                 data = b""
@@ -109,7 +109,7 @@ async def test_aborted_download_releases_the_upstream_connection(upstream):
 
 async def test_client_vanishing_mid_upload_releases_the_upstream_connection(upstream):
     async with running(OPEN, upstream.url) as tg:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tg.url))
+        _, writer = await asyncio.open_connection("127.0.0.1", port_of(tg.url))
         writer.write(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 104857600\r\n\r\n")
         for _ in range(16):
             writer.write(os.urandom(65536))
@@ -151,7 +151,7 @@ async def abuse_once(port: int, i: int) -> None:
             writer.write(b"GET /users HT")
             await writer.drain()
             writer.close()
-    except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+    except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
         pass
 
 
@@ -198,14 +198,14 @@ def served_connections(port: int) -> int:
 async def test_idle_keepalive_connections_are_cheap_and_closed_after_timeout(run_process, tmp_path, upstream):
     port, admin = free_port(), free_port()
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"server: {{port: {port}, keepalive_timeout: 1}}\nadmin: {{port: {admin}}}\n"
+    cfg.write_text(f"server: {{port: {port}, keepalive_timeout: 3}}\nadmin: {{port: {admin}}}\n"
                    + OPEN.replace("{upstream}", upstream.url))
     proc = run_process([sys.executable, "run.py", "--config", str(cfg), "--no-mock"])
     proc.wait_for_port(port, timeout=15)
     _, rss_before = proc_numbers(proc.pid)
     request = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
     writers = []
-    for start in range(0, 1000, 100):
+    for _ in range(10):
         async def one() -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(request)
@@ -219,8 +219,8 @@ async def test_idle_keepalive_connections_are_cheap_and_closed_after_timeout(run
     assert per_connection < 64 * 1024, f"{per_connection:.0f} bytes per idle connection"
     loop = asyncio.get_running_loop()
     start = loop.time()
-    while served_connections(port) > 0:  # closed by the server after 1 s idle
-        assert loop.time() - start < 5, "idle keep-alive connections were not closed"
+    while served_connections(port) > 0:  # closed by the server after 3 s idle
+        assert loop.time() - start < 8, "idle keep-alive connections were not closed"
         await asyncio.sleep(0.1)
     assert loop.time() - start >= 0.5
     for writer in writers:

@@ -14,7 +14,6 @@ import pytest
 from aiohttp import web
 from harness import running
 
-
 CONFIG = """
 upstream: {url: "{upstream}"}
 clients:

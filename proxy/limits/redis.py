@@ -24,7 +24,7 @@ import functools
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
@@ -63,9 +63,7 @@ class RedisStore(Store):
 
     backend = "redis"
 
-    def __init__(
-        self, client: RedisClient, *, url: str, key_prefix: str, clock: Clock | None = None
-    ) -> None:
+    def __init__(self, client: RedisClient, *, url: str, key_prefix: str, clock: Clock | None = None) -> None:
         self._client = client
         self._url = url
         self._prefix = key_prefix
@@ -80,7 +78,7 @@ class RedisStore(Store):
         `clock` None reads Redis `TIME` (production: one clock for every
         instance); a clock passes its time to the script (exact tests).
         """
-        options = {
+        options: dict[str, Any] = {
             "socket_connect_timeout": storage.timeout,
             "socket_timeout": storage.timeout,
             "health_check_interval": 0,
@@ -116,9 +114,7 @@ class RedisStore(Store):
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def _decide(
-        self, mode: str, identity: str, limits: Sequence[Limit], cost: int
-    ) -> list[Outcome]:
+    async def _decide(self, mode: str, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
         if not limits:
             return []
         now = "" if self._clock is None else str(to_micros(self._clock()))

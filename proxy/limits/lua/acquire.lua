@@ -40,8 +40,9 @@ local function outcome(allowed, remaining, reset, retry_after, delay)
   return {allowed, remaining, reset, retry_after or 0.0, delay or 0.0}
 end
 
--- Python's a // b for non-negative integers held in doubles: a / b may round
--- up to the next integer when b is large, so correct the quotient.
+-- Python's a // b for non-negative integers held in doubles. a / b can round
+-- up to the next integer only once a nears 2^53 (the year 2255 in
+-- microseconds), but the correction costs two multiplications.
 local function floordiv(a, b)
   local q = math.floor(a / b)
   if q * b > a then
@@ -97,91 +98,115 @@ function TB.ttl(a, state, now)
   return (a.capacity - tb_tokens(a, state, now)) / a.rate
 end
 
--- Sliding window: "at:cost,at:cost,..." oldest first -------------------------
+-- Sliding window: "base;at:cum,at:cum,..." oldest first ------------------------
+--
+-- `cum` counts the cost admitted up to and including that entry (`base`: up
+-- to the first one), so the cost still in the window is last cum - the cum
+-- just before the first live entry. A decision then parses only the entries
+-- that expired since the last write (plus, when refused, those that must
+-- expire for it to pass) and carries the live ones over as one substring:
+-- O(1) Lua work instead of O(live), which matters at limits of thousands.
+-- Python's log of (at, cost) pairs is the same data: cost = cum - previous cum.
 
 local SW = {}
+local SW_ENTRY = '^(%d+):(%d+),?'
 
 function SW.params(p1, p2)
   return {limit = p1, window_us = p2}
 end
 
+-- A log: the raw string `s`, where its entries start (`body`), `base`, and its
+-- newest entry (`last_at`, `last_cum`, nil when empty).
+local function sw_log(s, body, base)
+  local log = {s = s, body = body, base = base}
+  if #s >= body then
+    -- The newest entry is at most 2 x 17 digits + ':' from the end.
+    local _, _, at, cum = string.find(s, '(%d+):(%d+)$', math.max(body, #s - 40))
+    log.last_at, log.last_cum = tonumber(at), tonumber(cum)
+  end
+  return log
+end
+
 function SW.decode(raw)
-  local entries = {}
-  for at, cost in string.gmatch(raw, '([^:,]+):([^:,]+)') do
-    entries[#entries + 1] = {tonumber(at), tonumber(cost)}
-  end
-  return entries
+  local semi = string.find(raw, ';', 1, true)
+  return sw_log(raw, semi + 1, tonumber(string.sub(raw, 1, semi - 1)))
 end
 
-function SW.encode(state)
-  local parts = {}
-  for i, e in ipairs(state) do
-    parts[i] = fmt(e[1]) .. ':' .. fmt(e[2])
-  end
-  return table.concat(parts, ',')
+function SW.encode(log)
+  return log.s
 end
 
--- A new table of the entries still inside the window (callers may extend it).
-local function sw_live(a, state, now)
-  local live = {}
-  if state == nil then
-    return live
-  end
+-- Where the first live entry starts (nil: none) and the cum just before it.
+local function sw_live(a, log, now)
   local horizon = now - a.window_us
-  for _, e in ipairs(state) do
-    if e[1] > horizon then
-      live[#live + 1] = e
+  if log == nil or log.last_at == nil or log.last_at <= horizon then
+    return nil, 0
+  end
+  local pos, before = log.body, log.base
+  while true do
+    local _, stop, at, cum = string.find(log.s, SW_ENTRY, pos)
+    if tonumber(at) > horizon then
+      return pos, before
     end
+    pos, before = stop + 1, tonumber(cum)
   end
-  return live
 end
 
-local function sw_used(live)
-  local used = 0
-  for _, e in ipairs(live) do
-    used = used + e[2]
+local function sw_used(log, first, before)
+  if first == nil then
+    return 0
   end
-  return used
+  return log.last_cum - before
 end
 
-local function sw_reset(a, live, now)
-  if #live == 0 then
+local function sw_reset(a, log, first, now)
+  if first == nil then
     return 0.0
   end
-  return (live[#live][1] + a.window_us - now) / US
+  return (log.last_at + a.window_us - now) / US
 end
 
-function SW.check(a, state, now, cost)
-  local live = sw_live(a, state, now)
-  local used = sw_used(live)
-  local n = #live
-  if used + cost <= a.limit then
-    if n > 0 and live[n][1] == now then
-      live[n] = {now, live[n][2] + cost}
-    else
-      live[n + 1] = {now, cost}
-    end
-    return outcome(true, a.limit - used - cost, a.window_us / US), live
+-- The live entries plus this admission; one at the same microsecond merges.
+local function sw_admit(log, first, before, now, cost)
+  if first == nil then
+    return sw_log('0;' .. fmt(now) .. ':' .. fmt(cost), 3, 0)
   end
-  local need, freed, retry_at = used + cost - a.limit, 0, now
-  for _, e in ipairs(live) do
-    freed = freed + e[2]
-    retry_at = e[1] + a.window_us
-    if freed >= need then
+  local head = fmt(before) .. ';'
+  local kept
+  if log.last_at == now then
+    kept = string.sub(log.s, first, #log.s - #(fmt(log.last_at) .. ':' .. fmt(log.last_cum)))
+  else
+    kept = string.sub(log.s, first) .. ','
+  end
+  return sw_log(head .. kept .. fmt(now) .. ':' .. fmt(log.last_cum + cost), #head + 1, before)
+end
+
+function SW.check(a, log, now, cost)
+  local first, before = sw_live(a, log, now)
+  local used = sw_used(log, first, before)
+  if used + cost <= a.limit then
+    return outcome(true, a.limit - used - cost, a.window_us / US), sw_admit(log, first, before, now, cost)
+  end
+  local need, pos, retry_at = used + cost - a.limit, first, now
+  while pos ~= nil and pos <= #log.s do
+    local _, stop, at, cum = string.find(log.s, SW_ENTRY, pos)
+    retry_at = tonumber(at) + a.window_us
+    if tonumber(cum) - before >= need then
       break
     end
+    pos = stop + 1
   end
-  return outcome(false, a.limit - used, sw_reset(a, live, now), (retry_at - now) / US), state
+  return outcome(false, a.limit - used, sw_reset(a, log, first, now), (retry_at - now) / US), log
 end
 
-function SW.peek(a, state, now)
-  local live = sw_live(a, state, now)
-  local left = a.limit - sw_used(live)
-  return outcome(left >= 1, left, sw_reset(a, live, now))
+function SW.peek(a, log, now)
+  local first, before = sw_live(a, log, now)
+  local left = a.limit - sw_used(log, first, before)
+  return outcome(left >= 1, left, sw_reset(a, log, first, now))
 end
 
-function SW.ttl(a, state, now)
-  return sw_reset(a, sw_live(a, state, now), now)
+function SW.ttl(a, log, now)
+  return sw_reset(a, log, sw_live(a, log, now), now)
 end
 
 -- Fixed window, aligned to the Unix epoch --------------------------------------
