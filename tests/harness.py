@@ -50,7 +50,13 @@ async def running(
         config = config_module.load(config_path)
     else:
         config = config_module.from_text(text)
-    store = store if store is not None else MemoryStore(clock)
+    if store is None:
+        if config.storage.backend == "redis":
+            from proxy.limits.redis import RedisStore
+
+            store = RedisStore.from_config(config.storage)
+        else:
+            store = MemoryStore(clock)
     runtime = build_runtime(config, store)
     server = config.server
     async with contextlib.AsyncExitStack() as stack:
