@@ -348,6 +348,11 @@ def _read_sections(ck: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
         "timeout": _positive(ck),
         "on_error": lambda p, v, d: ck.choice(p, v, d, ("allow", "deny", "local")),
     })
+    if storage.cluster and "url" in (raw.get("storage") or {}):
+        parts = urlsplit(storage.url)
+        if parts.scheme == "unix" or parts.path.strip("/") not in ("", "0"):
+            ck.error("storage.url", "a Redis Cluster has only database 0 and is reached over TCP",
+                     mask_url(storage.url))
     clients = _section(ck, raw, "clients", ClientsConfig, {
         "api_key_header": lambda p, v, d: ck.string(p, v, d, pattern=HEADER_NAME_RE, what="an HTTP header name"),
         "unknown_key": lambda p, v, d: ck.choice(p, v, d, ("reject", "anonymous")),

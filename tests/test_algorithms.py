@@ -97,8 +97,29 @@ LEAKY_BUCKET = [
     Step(0.5, 1, True, 1, 0, 1.0, delay=1.0),
 ]
 
+# Rates like 0.1 make token counts land one ulp short of a whole number; EPS
+# and the slack in `_floor` must count them as whole (capacity 3, 0.1/s).
+TOKEN_BUCKET_TENTHS = [
+    Step(0, 3, True, 0, 0, 30.0),
+    Step(3, 1, False, 0, 7.0, 27.0),
+    Step(11, 1, True, 0, 0, 26.0),  # 1.4 tokens: 0.3999999999999999 left
+    Step(6, 2, False, 1, 10.0, 20.0),  # 0.9999999999999999 tokens: remaining 1
+    Step(0, 1, True, 0, 0, 30.0),  # ... and a request of 1 passes
+]
+
+# 0.2 per second leave, up to 2 units wait: a backlog of 2.0000000000000004 is 2
+LEAKY_BUCKET_FIFTHS = [
+    Step(0, 1, True, 2, 0, 0.0, delay=0.0),
+    Step(2, 1, True, 1, 0, 3.0, delay=3.0),
+    Step(1, 1, True, 0, 0, 7.0, delay=7.0),
+    Step(2, 1, True, 0, 0, 10.0, delay=10.0),  # exactly a full queue
+    Step(0, 1, False, 0, 5.0, 10.0),
+]
+
 TABLES: dict[str, tuple[Algorithm, list[Step]]] = {
     "token_bucket": (TokenBucket(10, 2), TOKEN_BUCKET),
+    "token_bucket_tenths": (TokenBucket(3, 0.1), TOKEN_BUCKET_TENTHS),
+    "leaky_bucket_fifths": (LeakyBucket(0.2, 2), LEAKY_BUCKET_FIFTHS),
     "sliding_window": (SlidingWindow(3, 10), SLIDING_WINDOW),
     "fixed_window": (FixedWindow(3, 60), FIXED_WINDOW),
     "leaky_bucket": (LeakyBucket(2, 3), LEAKY_BUCKET),
@@ -109,18 +130,28 @@ def limit(algorithm: Algorithm, name: str = "only") -> Limit:
     return Limit(name=name, algorithm=algorithm, key=f"test.{name}.{algorithm.short}")
 
 
-def seen(outcome: Outcome) -> Step:
-    """An outcome in the table's shape, so a failure shows the whole row."""
-    return Step(0, 0, outcome.allowed, outcome.remaining, outcome.retry_after,
-                outcome.reset, outcome.delay)  # fmt: skip
+class Row(NamedTuple):
+    """What a step expects (or what a store answered), as one comparable row."""
+
+    allowed: object
+    remaining: object
+    retry_after: object
+    reset: object
+    delay: object
 
 
-def expected(step: Step) -> Step:
-    approx = pytest.approx
-    return step._replace(
-        advance=0, cost=0, retry_after=approx(step.retry_after, abs=1e-6),
-        reset=approx(step.reset, abs=1e-6), delay=approx(step.delay, abs=1e-6),
-    )  # fmt: skip
+def seen(outcome: Outcome) -> Row:
+    return Row(outcome.allowed, outcome.remaining, outcome.retry_after, outcome.reset, outcome.delay)
+
+
+def expected(step: Step) -> Row:
+    def approx(seconds: float) -> object:
+        return pytest.approx(seconds, abs=1e-6)
+
+    return Row(step.allowed, step.remaining, approx(step.retry_after), approx(step.reset), approx(step.delay))
+
+
+PEEKED = ["token_bucket", "sliding_window", "fixed_window", "leaky_bucket"]
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -163,11 +194,13 @@ async def test_all_or_nothing(store: Store, fake_clock: FakeClock) -> None:
 
 
 async def test_peek_charges_nothing(store: Store, fake_clock: FakeClock) -> None:
-    limits = [limit(alg, name) for name, (alg, _) in TABLES.items()]
+    limits = [limit(TABLES[name][0], name) for name in PEEKED]
     assert await store.peek(CLIENT, limits) == [
-        Outcome(True, 10, 0.0), Outcome(True, 3, 0.0),
-        Outcome(True, 3, 0.0), Outcome(True, 3, 0.0),
-    ]  # fmt: skip
+        Outcome(True, 10, 0.0),
+        Outcome(True, 3, 0.0),
+        Outcome(True, 3, 0.0),
+        Outcome(True, 3, 0.0),
+    ]
     await store.acquire(CLIENT, limits, 3)
     fake_clock.advance(0.5)
     expected_now = [
@@ -180,9 +213,7 @@ async def test_peek_charges_nothing(store: Store, fake_clock: FakeClock) -> None
     assert await store.peek(CLIENT, limits) == expected_now
 
 
-async def test_reset_starts_full_and_touches_only_that_client(
-    store: Store, fake_clock: FakeClock
-) -> None:
+async def test_reset_starts_full_and_touches_only_that_client(store: Store, fake_clock: FakeClock) -> None:
     limits = [limit(TokenBucket(2, 1))]
     for client in (CLIENT, "a:192.0.2.8"):
         await store.acquire(client, limits, 2)

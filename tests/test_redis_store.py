@@ -64,12 +64,8 @@ async def make_store(redis_server: RedisServer) -> AsyncIterator[StoreFactory]:
     """Factory of stores on the test's Redis (`url=`, `timeout=`, `clock=`), closed after."""
     stores: list[RedisStore] = []
 
-    def make(*, url: str | None = None, timeout: float = 1.0, clock: FakeClock | None = None,
-             cluster: bool = False) -> RedisStore:  # fmt: skip
-        storage = StorageConfig(
-            backend="redis", url=url or redis_server.url, cluster=cluster,
-            key_prefix=PREFIX, timeout=timeout,
-        )  # fmt: skip
+    def make(*, url: str | None = None, timeout: float = 1.0, clock: FakeClock | None = None) -> RedisStore:
+        storage = StorageConfig(backend="redis", url=url or redis_server.url, key_prefix=PREFIX, timeout=timeout)
         stores.append(RedisStore.from_config(storage, clock=clock))
         return stores[-1]
 
@@ -101,8 +97,7 @@ def assert_pttl(port: int, key: str, seconds: float) -> None:
     assert expected - PTTL_SLACK_MS < pttl(port, key) <= expected
 
 
-async def test_key_layout(make_store: StoreFactory, redis_server: RedisServer,
-                          fake_clock: FakeClock) -> None:  # fmt: skip
+async def test_key_layout(make_store: StoreFactory, redis_server: RedisServer, fake_clock: FakeClock) -> None:
     store = make_store(clock=fake_clock)
     now = round(fake_clock() * 1_000_000)
     to_fresh: dict[str, float] = {}  # the algorithm's ttl: when the state is fresh again
@@ -127,10 +122,11 @@ async def test_key_layout(make_store: StoreFactory, redis_server: RedisServer,
         assert len({key_slot(store.key(identity, lim).encode()) for lim in FOUR}) == 1
 
 
-async def test_keys_expire_exactly_when_fresh(make_store: StoreFactory, redis_server: RedisServer,
-                                              fake_clock: FakeClock) -> None:  # fmt: skip
+async def test_keys_expire_exactly_when_fresh(
+    make_store: StoreFactory, redis_server: RedisServer, fake_clock: FakeClock
+) -> None:
     store, port = make_store(clock=fake_clock), redis_server.port
-    tb, sw, fw, lb = FOUR
+    tb, sw, _, lb = FOUR
     key = {lim.name: store.key("a:203.0.113.9", lim) for lim in FOUR}
     await store.acquire("a:203.0.113.9", FOUR, 4)  # fixed window: t0 is 20 s into its minute
     assert_pttl(port, key["tb"], 2.0)  # 4 tokens at 2/s
@@ -152,15 +148,57 @@ async def test_keys_expire_exactly_when_fresh(make_store: StoreFactory, redis_se
     assert redis_command(port, "EXISTS", key["tb"]) == 0
 
 
-async def test_matches_memory_store_bit_for_bit(make_store: StoreFactory,
-                                                fake_clock: FakeClock) -> None:  # fmt: skip
+async def test_sliding_window_keeps_only_live_entries(
+    make_store: StoreFactory, redis_server: RedisServer, fake_clock: FakeClock
+) -> None:
+    store, port = make_store(clock=fake_clock), redis_server.port
+    window = [limit(SlidingWindow(100, 10), "sw")]
+    key = store.key("c:log", window[0])
+    await store.acquire("c:log", window, 1)
+    one_entry = redis_command(port, "STRLEN", key)
+    assert isinstance(one_entry, int)
+    for _ in range(40):  # one a second: 10 of them inside the window at the end
+        fake_clock.advance(1)
+        [outcome] = await store.acquire("c:log", window, 1)
+    assert outcome.remaining == 90
+    now_length = redis_command(port, "STRLEN", key)
+    assert isinstance(now_length, int) and now_length <= 10 * (one_entry + 4)
+
+
+async def test_caller_timeout_leaves_no_stale_reply(make_store: StoreFactory, redis_server: RedisServer) -> None:
+    """The limiter cancels a slow call (asyncio.timeout); the pool must not hand
+    that call's late reply to the next one."""
+    store = make_store()
+    two = FOUR[:2]
+    await store.acquire("c:first", two, 1)
+    redis_server.stop()
+    try:
+        for limits in (FOUR, two):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await store.acquire("c:first", limits, 1)
+    finally:
+        redis_server.cont()
+    replies = await asyncio.gather(*(store.acquire("c:second", two, 1) for _ in range(3)))
+    assert sorted(o.remaining for [o, _] in replies) == [7, 8, 9]
+    assert all(len(reply) == 2 for reply in replies)
+    assert len(await store.peek("c:first", FOUR)) == 4
+
+
+async def test_matches_memory_store_bit_for_bit(make_store: StoreFactory, fake_clock: FakeClock) -> None:
     """Random requests at awkward instants: every Outcome field must be == (no tolerance)."""
     rng = random.Random(20240607)
     algorithms: list[Algorithm] = [
-        TokenBucket(7, 0.3), TokenBucket(100, 33.3), SlidingWindow(5, 2.5),
-        SlidingWindow(4, 0.75), FixedWindow(4, 1.5), FixedWindow(10, 3600),
-        LeakyBucket(0.7, 3), LeakyBucket(5, 0), LeakyBucket(1 / 3, 2),
-    ]  # fmt: skip
+        TokenBucket(7, 0.3),
+        TokenBucket(100, 33.3),
+        SlidingWindow(5, 2.5),
+        SlidingWindow(4, 0.75),
+        FixedWindow(4, 1.5),
+        FixedWindow(10, 3600),
+        LeakyBucket(0.7, 3),
+        LeakyBucket(5, 0),
+        LeakyBucket(1 / 3, 2),
+    ]
     limits = [limit(alg, f"l{i}") for i, alg in enumerate(algorithms)]
     redis_store, memory = make_store(clock=fake_clock), MemoryStore(fake_clock)
     for step in range(600):
@@ -176,14 +214,16 @@ async def test_matches_memory_store_bit_for_bit(make_store: StoreFactory,
         assert (step, got) == (step, want)
 
 
-async def test_killed_redis_fails_fast_then_recovers(make_store: StoreFactory,
-                                                     redis_server: RedisServer) -> None:  # fmt: skip
+async def test_killed_redis_fails_fast_then_recovers(make_store: StoreFactory, redis_server: RedisServer) -> None:
     store = make_store()
     masked = make_store(url=f"redis://:hunter2-pw@127.0.0.1:{redis_server.port}/0")
     assert (await store.acquire("a:203.0.113.9", FOUR, 1))[0].remaining == 9
     redis_server.kill()
-    for call in (lambda: store.acquire("a:203.0.113.9", FOUR, 1), store.ping,
-                 lambda: masked.acquire("a:203.0.113.9", FOUR, 1)):  # fmt: skip
+    for call in (
+        lambda: store.acquire("a:203.0.113.9", FOUR, 1),
+        store.ping,
+        lambda: masked.acquire("a:203.0.113.9", FOUR, 1),
+    ):
         started = time.monotonic()
         with pytest.raises(StorageUnavailable) as failure:
             await call()
@@ -195,8 +235,7 @@ async def test_killed_redis_fails_fast_then_recovers(make_store: StoreFactory,
     await store.ping()
 
 
-async def test_hung_redis_times_out_then_recovers(make_store: StoreFactory,
-                                                  redis_server: RedisServer) -> None:  # fmt: skip
+async def test_hung_redis_times_out_then_recovers(make_store: StoreFactory, redis_server: RedisServer) -> None:
     store = make_store(timeout=0.2)
     await store.acquire("a:203.0.113.9", FOUR, 1)
     redis_server.stop()
@@ -215,8 +254,7 @@ async def test_hung_redis_times_out_then_recovers(make_store: StoreFactory,
     assert (await store.acquire("c:after", FOUR, 1))[0].remaining == 9
 
 
-async def test_redis_errors_become_storage_unavailable(make_store: StoreFactory,
-                                                       redis_server: RedisServer) -> None:  # fmt: skip
+async def test_redis_errors_become_storage_unavailable(make_store: StoreFactory, redis_server: RedisServer) -> None:
     store = make_store()
     redis_command(redis_server.port, "HSET", store.key("a:203.0.113.9", FOUR[0]), "x", "1")
     with pytest.raises(StorageUnavailable, match="WRONGTYPE"):
@@ -225,10 +263,8 @@ async def test_redis_errors_become_storage_unavailable(make_store: StoreFactory,
     assert (await store.acquire("c:other", FOUR, 1))[0].remaining == 9
 
 
-async def test_cluster_clients_on_every_node(redis_cluster: RedisCluster,
-                                             fake_clock: FakeClock) -> None:  # fmt: skip
-    storage = StorageConfig(backend="redis", url=redis_cluster.url, cluster=True,
-                            key_prefix=PREFIX, timeout=1.0)  # fmt: skip
+async def test_cluster_clients_on_every_node(redis_cluster: RedisCluster, fake_clock: FakeClock) -> None:
+    storage = StorageConfig(backend="redis", url=redis_cluster.url, cluster=True, key_prefix=PREFIX, timeout=1.0)
     store, memory = RedisStore.from_config(storage, clock=fake_clock), MemoryStore(fake_clock)
     limits = [limit(TokenBucket(3, 1), "burst"), limit(FixedWindow(2, 60), "daily")]
     identities = [f"a:198.51.100.{n}" for n in range(12)]

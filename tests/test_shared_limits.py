@@ -138,7 +138,7 @@ async def test_local_applies_per_instance_limits_while_redis_is_down(redis_serve
         redis_server.restart()  # an empty Redis: state restarts there
 
         async def shared_again() -> bool:
-            status, headers, _ = await tg.get("/users")
+            status, _, _ = await tg.get("/users")
             return status == 200 and tg.runtime.limiter.health.healthy
 
         await wait_until(shared_again)

@@ -56,7 +56,9 @@ QUEUE: Final = Param(integer=True, minimum=0, exclusive=False)
 
 
 def _floor(x: float) -> int:
-    return max(0, math.floor(x + 1e-6))
+    """Whole units, with the same slack as the allow checks (so `remaining` never
+    says 1 while a request of cost 1 would be refused)."""
+    return max(0, math.floor(x + EPS))
 
 
 class Algorithm(ABC):
@@ -154,7 +156,7 @@ class SlidingWindow(Algorithm):
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit
         self.window_seconds = window
-        self._window_us = round(window * US)
+        self._window_us = max(1, round(window * US))
 
     @property
     def capacity(self) -> int:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from ..config import StorageConfig
 from .memory import MemoryStore
-from .store import Clock, Store, wall_clock
+from .store import Clock, StorageUnavailable, Store, wall_clock
+
+log = logging.getLogger("tollgate.storage")
 
 
 @contextlib.asynccontextmanager
@@ -18,7 +21,12 @@ async def open_store(storage: StorageConfig, clock: Clock = wall_clock) -> Async
     if storage.backend == "redis":
         from .redis import RedisStore
 
-        store = RedisStore.from_config(storage)
+        redis_store = RedisStore.from_config(storage)
+        try:
+            await redis_store.warm()
+        except StorageUnavailable as exc:
+            log.error("%s; storage.on_error=%s is in force until it answers", exc, storage.on_error)
+        store = redis_store
     else:
         store = MemoryStore(clock)
     try:

@@ -55,6 +55,7 @@ FIELDS: Final = 5  # per limit in the script's reply: allowed, remaining, reset,
 REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
 
 RedisClient = Redis | RedisCluster
+WARM_CONNECTIONS: Final = 16
 T = TypeVar("T")
 
 
@@ -110,6 +111,16 @@ class RedisStore(Store):
 
     async def ping(self) -> None:
         await self._call(self._client.ping)
+
+    async def warm(self, connections: int = WARM_CONNECTIONS, within: float = 2.0) -> None:
+        """Open connections before traffic does: connecting takes several loop
+        turns, and a cold burst of new connections can overrun a 50 ms
+        `storage.timeout` on a busy machine. Raises StorageUnavailable."""
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.gather(*(self.ping() for _ in range(connections)))
+        except TimeoutError as exc:
+            raise StorageUnavailable(f"cannot use {mask_url(self._url)} (no answer within {within:g}s)") from exc
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -172,7 +183,7 @@ def parse_reply(reply: object) -> list[Outcome]:
         raise StorageUnavailable(f"unexpected reply from acquire.lua: {reply!r:.200}")
     return [
         Outcome(
-            allowed=reply[i] == b"1",
+            allowed=reply[i] in (b"1", "1"),  # bytes unless the URL asks decode_responses
             remaining=int(float(reply[i + 1])),
             reset=float(reply[i + 2]),
             retry_after=float(reply[i + 3]),

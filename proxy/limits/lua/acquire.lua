@@ -29,7 +29,7 @@ local US = 1000000
 local EPS = 1e-9
 
 local function floor0(x)
-  return math.max(0, math.floor(x + 1e-6))
+  return math.max(0, math.floor(x + EPS))
 end
 
 local function fmt(x)
