@@ -1,0 +1,91 @@
+"""The dashboard end to end: a real Tollgate, real traffic, real headless Chromium.
+
+The README's picture comes from `python docs/make_screenshot.py` (the shipped
+demo under a traffic loop), which drives Chromium the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from cdp import Browser
+from harness import running
+
+SCRIPT_NAME = "<script>alert(1)</script>"
+CONFIG = f"""
+upstream: {{url: "{{upstream}}"}}
+clients: {{trusted_proxies: [127.0.0.1/32]}}
+tiers:
+  anonymous:
+    limits: [{{algorithm: token_bucket, capacity: 30, refill_rate: 3}}]
+  free:
+    limits:
+      - {{name: burst, algorithm: token_bucket, capacity: 5, refill_rate: 0.5}}
+      - {{name: daily, algorithm: fixed_window, limit: 1000, window: 86400}}
+  premium:
+    limits: [{{algorithm: token_bucket, capacity: 1000, refill_rate: 100}}]
+api_keys:
+  evil-key: {{tier: free, name: {json.dumps(SCRIPT_NAME)}}}
+  free-key: {{tier: free, name: demo-free}}
+  premium-key: {{tier: premium, name: demo-premium}}
+routes:
+  - {{path: /health, exempt: true}}
+"""
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    b = await Browser.launch()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+async def traffic(tg, rounds: int) -> None:
+    for i in range(rounds):
+        await asyncio.gather(
+            tg.get("/users", headers={"X-API-Key": "evil-key"}),
+            tg.get("/data", headers={"X-API-Key": "free-key"}),
+            tg.get("/users", headers={"X-API-Key": "premium-key"}),
+            tg.get("/users", headers={"X-Forwarded-For": f"203.0.113.{i % 7}"}),
+            tg.get("/health"),
+        )
+
+
+async def test_live_page_follows_real_traffic(upstream, browser, tmp_path):
+    async with running(CONFIG, upstream.url) as tg:
+        await browser.navigate(tg.admin_url + "/")
+        await browser.wait_for("document.getElementById('total-requests').textContent === '0'")
+        scripts = await browser.evaluate("document.querySelectorAll('script').length")
+        await traffic(tg, 12)
+        # only a live update can have put these numbers and names on the page
+        await browser.wait_for("document.getElementById('total-requests').textContent === '60'", timeout=5)
+        blocked = tg.runtime.stats.totals["blocked"]
+        assert blocked > 0
+        await browser.wait_for(f"document.getElementById('total-blocked').textContent === '{blocked}'")
+        names = await browser.evaluate(
+            "[...document.querySelectorAll('#top-blocked tr[data-client-id]')].map(tr => tr.dataset.clientId)")
+        assert SCRIPT_NAME in names and "demo-free" in names
+        cell = await browser.evaluate(
+            "[...document.querySelectorAll('#top-blocked tr[data-client-id]')]"
+            f".find(tr => tr.dataset.clientId === {json.dumps(SCRIPT_NAME)}).cells[0].firstChild.textContent")
+        assert cell == SCRIPT_NAME
+        assert await browser.evaluate("document.querySelectorAll('script').length") == scripts
+        assert browser.dialogs == [] and browser.errors == []
+        shot = await browser.screenshot(tmp_path / "live.png", 1280, 900)
+        assert shot.stat().st_size > 10_000
+
+
+async def test_token_is_needed_and_the_cookie_carries_it(upstream, browser):
+    async with running(CONFIG + "admin: {token: dash-secret}\n", upstream.url) as tg:
+        await browser.navigate(tg.admin_url + "/")
+        text = await browser.evaluate("document.body.innerText")
+        assert "unauthorized" in text and await browser.evaluate("document.getElementById('total-requests')") is None
+        await browser.navigate(tg.admin_url + "/?token=dash-secret")
+        await browser.wait_for("location.search === '' && document.getElementById('total-requests') !== null")
+        await traffic(tg, 2)
+        await browser.wait_for("document.getElementById('total-requests').textContent === '10'", timeout=5)
