@@ -45,6 +45,14 @@ class DropClientParseErrors(logging.Filter):
         return not isinstance(exc, HttpProcessingError)
 
 
+class _HandOff(logging.handlers.QueueHandler):
+    """Queue the record as it is: formatting happens on the listener thread,
+    not on the event loop (QueueHandler.prepare would format here)."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
 def setup_logging(fmt: str, stream: Any = None) -> None:
     """Route all logging through a background thread to stderr in `fmt` (text|json)."""
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -55,7 +63,7 @@ def setup_logging(fmt: str, stream: Any = None) -> None:
     q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(q, handler)
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(q)]
+    root.handlers[:] = [_HandOff(q)]
     root.setLevel(logging.INFO)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.server").addFilter(DropClientParseErrors())

@@ -158,3 +158,19 @@ async def test_20mb_up_and_down_stream_in_bounded_memory(run_process, tmp_path):
         grown_mib = (rss_peak_kib(proc.pid) - before) / 1024
     assert grown_mib < 10, f"proxy peak RSS grew {grown_mib:.1f} MiB for 20 MiB bodies"
     assert proc.terminate() == 0
+
+
+async def test_json_access_log_one_line_per_request(run_process, tmp_path):
+    proc, ports = start(run_process, tmp_path, extra="log: {format: json}\n")
+    base = f"http://127.0.0.1:{ports['port']}"
+    async with aiohttp.ClientSession() as session:
+        for path in ("/users", "/status/404"):
+            async with session.get(base + path) as resp:
+                await resp.read()
+    assert proc.terminate() == 0
+    import json
+
+    lines = [json.loads(line) for line in proc.stderr_text().splitlines() if '"tollgate.access"' in line]
+    assert [(e["path"], e["status"], e["decision"], e["tier"]) for e in lines] == [
+        ("/users", 200, "allowed", "anonymous"), ("/status/404", 404, "allowed", "anonymous")]
+    assert all(e["client"] == "127.0.0.1" and e["proxy_ms"] >= 0 and e["upstream_ms"] > 0 for e in lines)
