@@ -7,8 +7,6 @@ closes what was opened before it.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -22,6 +20,7 @@ from .limits.memory import MemoryStore
 from .limits.store import Store
 from .reload import Reloader
 from .runtime import RUNTIME, Runtime
+from .tasks import every
 
 SWEEP_INTERVAL = 10.0  # seconds between drops of state that is fresh again
 
@@ -71,19 +70,12 @@ async def _memory_sweeper(app: web.Application) -> AsyncIterator[None]:
     """Drop limit state that is fresh again, so memory follows active clients."""
     runtime = app[RUNTIME]
 
-    async def sweep_forever() -> None:
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            limits = runtime.config.all_limits()
-            for store in (runtime.limiter.store, runtime.limiter.fallback):
-                if isinstance(store, MemoryStore):
-                    store.retain({limit.key for limit in limits})
-                    await store.sweep(limits)
+    async def sweep() -> None:
+        limits = runtime.config.all_limits()
+        for store in (runtime.limiter.store, runtime.limiter.fallback):
+            if isinstance(store, MemoryStore):
+                store.retain({limit.key for limit in limits})
+                await store.sweep(limits)
 
-    task = asyncio.create_task(sweep_forever(), name="tollgate-sweeper")
-    try:
+    async with every(SWEEP_INTERVAL, sweep, name="tollgate-sweeper"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -14,12 +14,13 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import config as config_module
 from .config import Config, ConfigError
 from .runtime import Runtime, upstream_of
+from .tasks import every
 
 log = logging.getLogger("tollgate.reload")
 
@@ -132,20 +133,11 @@ class Reloader:
         self._signature = signature
         return _digest(path) != self._digest
 
-    @contextlib.asynccontextmanager
-    async def watching(self, interval: float = POLL_INTERVAL) -> AsyncIterator[None]:
+    def watching(self, interval: float = POLL_INTERVAL) -> contextlib.AbstractAsyncContextManager[None]:
         """Poll the file (stat is cheap and sees renames and symlink swaps alike)."""
 
-        async def watch() -> None:
-            while True:
-                await asyncio.sleep(interval)
-                if await self._changed():
-                    await self.reload("file change")
+        async def check() -> None:
+            if await self._changed():
+                await self.reload("file change")
 
-        task = asyncio.create_task(watch(), name="tollgate-config-watch")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        return every(interval, check, name="tollgate-config-watch")

@@ -9,10 +9,11 @@ started, by pid; none touches the machine's own Redis on 6379.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
+from cdp import Browser
 from helpers import (
     REPO_ROOT,
     FakeClock,
@@ -86,3 +87,13 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
 def fake_clock() -> FakeClock:
     """A clock at 1_700_000_000.0 that moves only on `advance()` / `set()`."""
     return FakeClock()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """A headless Chromium with one page (tests/cdp.py); fails, never skips, without chromium."""
+    b = await Browser.launch()
+    try:
+        yield b
+    finally:
+        await b.close()

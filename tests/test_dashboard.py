@@ -160,15 +160,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    b = await Browser.launch()
-    try:
-        yield b
-    finally:
-        await b.close()
-
-
 async def open_dashboard(browser: Browser, url: str) -> None:
     await browser.set_cookie(*COOKIE, url=url)
     await browser.navigate(url)

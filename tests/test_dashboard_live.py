@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
-import pytest
-from cdp import Browser
 from harness import running
 
 SCRIPT_NAME = "<script>alert(1)</script>"
@@ -34,15 +31,6 @@ api_keys:
 routes:
   - {{path: /health, exempt: true}}
 """
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    b = await Browser.launch()
-    try:
-        yield b
-    finally:
-        await b.close()
 
 
 async def traffic(tg, rounds: int) -> None:

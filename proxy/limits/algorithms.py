@@ -142,15 +142,9 @@ class TokenBucket(Algorithm):
         return (self._capacity - self._tokens(state, now)) / self.refill_rate
 
 
-class SlidingWindow(Algorithm):
-    """Exact: no more than `limit` in any `window` seconds (a log of admissions).
+class _Window(Algorithm, ABC):
+    """What both window algorithms share: `limit` requests per `window` seconds."""
 
-    State: a tuple of (at_us, cost) pairs, oldest first; admissions at the same
-    microsecond are merged so a burst costs one entry.
-    """
-
-    name = "sliding_window"
-    short = "sw"
     PARAMS = {"limit": COUNT, "window": POSITIVE}
 
     def __init__(self, limit: int, window: float) -> None:
@@ -168,6 +162,17 @@ class SlidingWindow(Algorithm):
 
     def params(self) -> tuple[float, ...]:
         return (self.limit, self.window_seconds)
+
+
+class SlidingWindow(_Window):
+    """Exact: no more than `limit` in any `window` seconds (a log of admissions).
+
+    State: a tuple of (at_us, cost) pairs, oldest first; admissions at the same
+    microsecond are merged so a burst costs one entry.
+    """
+
+    name = "sliding_window"
+    short = "sw"
 
     def _live(self, state: State, now: int) -> tuple[tuple[int, int], ...]:
         if not state:
@@ -205,7 +210,7 @@ class SlidingWindow(Algorithm):
         return self._reset(self._live(state, now), now)
 
 
-class FixedWindow(Algorithm):
+class FixedWindow(_Window):
     """`limit` per window of `window` seconds aligned to the Unix epoch (UTC).
 
     State: (window_index, count). Alignment to the epoch makes a 86400 s window
@@ -214,23 +219,6 @@ class FixedWindow(Algorithm):
 
     name = "fixed_window"
     short = "fw"
-    PARAMS = {"limit": COUNT, "window": POSITIVE}
-
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit = limit
-        self.window_seconds = window
-        self._window_us = max(1, round(window * US))
-
-    @property
-    def capacity(self) -> int:
-        return self.limit
-
-    @property
-    def window(self) -> int:
-        return max(1, math.ceil(self.window_seconds - EPS))
-
-    def params(self) -> tuple[float, ...]:
-        return (self.limit, self.window_seconds)
 
     def _count(self, state: State, now: int) -> tuple[int, int, float]:
         index = now // self._window_us
