@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from .accesslog import AccessLog
 from .admin import setup_admin
 from .config import Config, mask_url
 from .handler import handle
@@ -25,11 +26,12 @@ from .tasks import every
 SWEEP_INTERVAL = 10.0  # seconds between drops of state that is fresh again
 
 
-def build_runtime(config: Config, store: Store, *, fallback: MemoryStore | None = None) -> Runtime:
+def build_runtime(config: Config, store: Store, *, fallback: MemoryStore | None = None,
+                  access_log: AccessLog | None = None) -> Runtime:
     """The shared state of both ports: config, limiter over `store`, stats, reloader."""
     limiter = Limiter(store, on_error=config.storage.on_error, timeout=config.storage.timeout,
                       fallback=fallback, describe=mask_url(config.storage.url))
-    runtime = Runtime(config=config, limiter=limiter)
+    runtime = Runtime(config=config, limiter=limiter, access_log=access_log)
     runtime.reloader = Reloader(runtime)
     return runtime
 
@@ -39,10 +41,18 @@ def build_proxy_app(runtime: Runtime) -> web.Application:
     # auto_decompress off: a gzip request body is forwarded as sent, not inflated.
     app = web.Application(handler_args={"auto_decompress": False, "max_field_size": 8190, "max_line_size": 8190})
     app[RUNTIME] = runtime
-    app.router.add_route("*", "/{tail:.*}", handle)
+    # [\s\S]: a path holding an encoded newline (%0A) is forwarded too; "." would 404 it.
+    app.router.add_route("*", r"/{tail:[\s\S]*}", handle)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(_memory_sweeper)
+    app.on_cleanup.append(_close_access_log)
     return app
+
+
+async def _close_access_log(app: web.Application) -> None:
+    access_log = app[RUNTIME].access_log
+    if access_log is not None:
+        access_log.close()
 
 
 def build_admin_app(runtime: Runtime) -> web.Application:

@@ -13,7 +13,7 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from .accesslog import log_request
+from .accesslog import AccessLog
 from .config import Config
 from .forward import Upstream
 from .limiter import Limiter
@@ -39,6 +39,7 @@ class Runtime:
     stats: Stats = field(default_factory=Stats)
     metrics: Metrics = field(init=False)
     observers: list[Observer] = field(init=False)
+    access_log: AccessLog | None = None  # None: one on stderr in config's log.format
     version: int = 1
     loaded_at: float = field(default_factory=time.time)
     last_error: str | None = None
@@ -48,7 +49,9 @@ class Runtime:
         self.upstream = upstream_of(self.config)
         health = self.limiter.health
         self.metrics = Metrics(storage_errors=lambda: health.errors, storage_healthy=lambda: health.healthy)
-        self.observers = [self.stats.observe, self.metrics.observe, log_request]
+        if self.access_log is None:
+            self.access_log = AccessLog(self.config.log_format)
+        self.observers = [self.stats.observe, self.metrics.observe, self.access_log]
 
     def observe(self, record: RequestRecord, total_seconds: float) -> None:
         """Finish a record (proxy-added time) and hand it to every observer."""

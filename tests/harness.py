@@ -9,6 +9,7 @@ command line use the `run_process` fixture instead.
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy import config as config_module
+from proxy.accesslog import AccessLog
 from proxy.app import build_admin_app, build_proxy_app, build_runtime
 from proxy.limits.memory import MemoryStore
 from proxy.limits.store import Clock, Store, wall_clock
@@ -30,6 +32,12 @@ class Tollgate:
     runtime: Runtime
     store: Store
     session: aiohttp.ClientSession
+    access_stream: io.StringIO
+
+    def access_lines(self) -> list[str]:
+        """The access log so far, one line per request."""
+        self.runtime.access_log.sync()
+        return self.access_stream.getvalue().splitlines()
 
     async def get(self, path: str, **kwargs: object) -> tuple[int, dict[str, str], bytes]:
         """GET through the proxy: status, headers (last value wins), body."""
@@ -57,7 +65,8 @@ async def running(
             store = RedisStore.from_config(config.storage)
         else:
             store = MemoryStore(clock)
-    runtime = build_runtime(config, store)
+    access_stream = io.StringIO()
+    runtime = build_runtime(config, store, access_log=AccessLog(config.log_format, stream=access_stream))
     server = config.server
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(store.close)
@@ -71,5 +80,6 @@ async def running(
         if watch_interval is not None:
             await stack.enter_async_context(runtime.reloader.watching(watch_interval))
         session = await stack.enter_async_context(aiohttp.ClientSession(auto_decompress=False))
+        stack.callback(runtime.access_log.close)
         yield Tollgate(url=f"http://127.0.0.1:{port}", admin_url=f"http://127.0.0.1:{admin_port}",
-                       runtime=runtime, store=store, session=session)
+                       runtime=runtime, store=store, session=session, access_stream=access_stream)

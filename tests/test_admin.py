@@ -201,6 +201,9 @@ async def test_raw_keys_appear_nowhere(upstream, caplog):
         await known_mix(tg)
         await tg.get("/users", headers={"X-API-Key": "other-secret-key"})
         texts = [record.getMessage() for record in caplog.records]
+        access = tg.access_lines()
+        assert len(access) == 10 and all(" access client=" in line for line in access)
+        texts += access
         for path in ("/api/stats", "/metrics", "/", "/api/clients/demo-free"):
             async with tg.session.get(tg.admin_url + path) as resp:
                 texts.append(await resp.text())
@@ -210,3 +213,11 @@ async def test_raw_keys_appear_nowhere(upstream, caplog):
     for text in texts:
         for key in (*RAW_KEYS, "nope-secret"):
             assert key not in text  # ...keys never
+
+
+async def test_access_line_quotes_what_could_forge_a_line(upstream):
+    async with running(CONFIG, upstream.url) as tg:
+        await tg.get("/a%0Afake%20line?x=1", headers=FREE)
+        [line] = tg.access_lines()
+    assert 'path="/a\\nfake line"' in line and "client=demo-free tier=free decision=allowed" in line
+    assert "status=200" in line and "upstream_ms=" in line and "x=1" not in line

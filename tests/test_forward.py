@@ -50,6 +50,12 @@ async def test_raw_path_and_query_go_out_byte_exact(upstream):
         assert body["query"] == "q=%20a+b&q=2&empty=&%7E"
 
 
+async def test_encoded_newline_in_path_is_forwarded(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        body = await echo(tg, "GET", "/a%0Ab%0D%00c")
+    assert body["path"] == "/a%0Ab%0D%00c"
+
+
 async def test_absolute_form_request_target_is_forwarded_by_its_path(upstream):
     async with running(OPEN, upstream.url) as tg:
         reader, writer = await asyncio.open_connection("127.0.0.1", int(tg.url.rsplit(":", 1)[1]))

@@ -71,7 +71,7 @@ def create_app() -> web.Application:
         ("/redirect", redirect),
         ("/drop/{n:\\d+}", drop),
         ("/hop", hop_by_hop),
-        ("/{tail:.*}", echo),
+        (r"/{tail:[\s\S]*}", echo),
     ]
     for path, handler in routes:
         app.router.add_route("*", path, handler)
