@@ -104,19 +104,29 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
         stamp = f"{self._stamp}.{int(now * 1000) % 1000:03d}Z"
         upstream_ms = None if record.upstream_seconds is None else round(record.upstream_seconds * 1000, 2)
-        fields: dict[str, Any] = {
-            "client": record.client, "tier": record.tier, "decision": record.decision,
-            "method": record.method, "path": record.path, "status": record.status,
-            "proxy_ms": round(record.proxy_seconds * 1000, 3), "upstream_ms": upstream_ms,
-        }
-        if record.upstream_error:
-            fields["upstream_error"] = record.upstream_error
-        if record.limit:
-            fields["limit"] = record.limit
+        proxy_ms = round(record.proxy_seconds * 1000, 3)
         if self._json:
-            line = json.dumps({"time": stamp, "level": "info", "logger": "tollgate.access", **fields})
+            fields: dict[str, Any] = {
+                "time": stamp, "level": "info", "logger": "tollgate.access",
+                "client": record.client, "tier": record.tier, "decision": record.decision,
+                "method": record.method, "path": record.path, "status": record.status,
+                "proxy_ms": proxy_ms, "upstream_ms": upstream_ms,
+            }
+            if record.upstream_error:
+                fields["upstream_error"] = record.upstream_error
+            if record.limit:
+                fields["limit"] = record.limit
+            line = json.dumps(fields)
         else:
-            line = f"{stamp} access " + " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+            line = (
+                f"{stamp} access client={_text(record.client)} tier={record.tier} decision={record.decision}"
+                f" method={_text(record.method)} path={_text(record.path)} status={record.status}"
+                f" proxy_ms={proxy_ms} upstream_ms={'-' if upstream_ms is None else upstream_ms}"
+            )
+            if record.upstream_error:
+                line += f" upstream_error={record.upstream_error}"
+            if record.limit:
+                line += f" limit={record.limit}"
         self._lines.append(line)
         if len(self._lines) >= self.MAX_LINES:
             self.flush()

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .config import Tier
 from .limits.algorithms import Outcome
@@ -25,8 +26,7 @@ BACKOFF_START = 0.5
 BACKOFF_MAX = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """What happens to a request: `outcomes` align with the tier's limits."""
 
     allowed: bool

@@ -16,26 +16,32 @@ from .limits.algorithms import Outcome
 
 def whole_seconds(seconds: float) -> int:
     """Seconds rounded up (a client told 1 s early would be refused again)."""
-    return max(0, math.ceil(seconds - 1e-9))
+    return math.ceil(seconds - 1e-9) if seconds > 1e-9 else 0
 
 
 def most_constraining(outcomes: Sequence[Outcome]) -> int:
     """Index of the limit with the least remaining (ties: the one freeing last)."""
-    return min(range(len(outcomes)), key=lambda i: (outcomes[i].remaining, -outcomes[i].reset))
+    best = 0
+    for i in range(1, len(outcomes)):
+        o, b = outcomes[i], outcomes[best]
+        if o.remaining < b.remaining or (o.remaining == b.remaining and o.reset > b.reset):
+            best = i
+    return best
 
 
 def rate_limit_headers(tier: Tier, outcomes: Sequence[Outcome]) -> dict[str, str]:
-    items = ", ".join(
-        f'"{limit.name}";r={o.remaining};t={whole_seconds(o.reset)}'
-        for limit, o in zip(tier.limits, outcomes)
-    )
-    tight = outcomes[most_constraining(outcomes)]
+    limits = tier.limits
+    items = ", ".join([
+        f'"{limit.name}";r={o.remaining};t={whole_seconds(o.reset)}' for limit, o in zip(limits, outcomes)
+    ])
+    tight = most_constraining(outcomes)
+    o = outcomes[tight]
     return {
         "RateLimit-Policy": tier.policy_header,
         "RateLimit": items,
-        "X-RateLimit-Limit": str(tier.limits[most_constraining(outcomes)].algorithm.capacity),
-        "X-RateLimit-Remaining": str(tight.remaining),
-        "X-RateLimit-Reset": str(whole_seconds(tight.reset)),
+        "X-RateLimit-Limit": str(limits[tight].algorithm.capacity),
+        "X-RateLimit-Remaining": str(o.remaining),
+        "X-RateLimit-Reset": str(whole_seconds(o.reset)),
     }
 
 
