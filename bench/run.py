@@ -43,13 +43,16 @@ from _harness import (
 
 TARGETS = ("direct", "nginx", "tollgate-off", "tollgate-memory", "tollgate-redis")
 # Opt-in (--targets ...,aiohttp-bare): a minimal aiohttp forwarder, the framework's floor.
-ALL_TARGETS = ("direct", "nginx", "aiohttp-bare", "tollgate-off", "tollgate-memory", "tollgate-redis")
+# and tollgate-nostats: memory store with Stats.observe a no-op (bench/no_stats.py), the cost of stats.
+ALL_TARGETS = ("direct", "nginx", "aiohttp-bare", "tollgate-off", "tollgate-memory", "tollgate-nostats",
+               "tollgate-redis")
 RATIOS = (
     ("tollgate-memory", "nginx"),
     ("tollgate-memory", "direct"),
     ("tollgate-memory", "tollgate-off"),
     ("tollgate-redis", "tollgate-memory"),
     ("tollgate-off", "aiohttp-bare"),
+    ("tollgate-memory", "tollgate-nostats"),
 )
 METRICS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req")
 
@@ -62,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="duration 2, rounds 1, 1 s warm-up: well under a minute")
     parser.add_argument("--targets", default=",".join(TARGETS),
-                        help=f"comma-separated, from {','.join(ALL_TARGETS)} (default: all but aiohttp-bare)")
+                        help=f"comma-separated, from {','.join(ALL_TARGETS)} "
+                        "(default: all but aiohttp-bare and tollgate-nostats)")
     parser.add_argument("--access-log", choices=("file", "devnull"), default="file",
                         help="where Tollgate's stderr (one access line per request) goes (default: a file)")
     parser.add_argument("--redis-timeout", type=float, default=0.05,
@@ -120,7 +124,7 @@ def start_all(servers: Servers, args: argparse.Namespace) -> dict[str, Target]:
             redis = servers.redis()
     with step("Tollgate processes"):
         pending = []
-        for mode in ("off", "memory", "redis"):
+        for mode in ("off", "memory", "nostats", "redis"):
             name = f"tollgate-{mode}"
             if name not in wanted:
                 continue
@@ -129,7 +133,9 @@ def start_all(servers: Servers, args: argparse.Namespace) -> dict[str, Target]:
                 assert redis is not None
                 storage = (f'{{backend: redis, url: "redis://127.0.0.1:{redis.port}/0", '
                            f"timeout: {args.redis_timeout:g}}}")
-            server, admin = servers.tollgate(name, upstream.port, storage=storage, log_to_file=log_to_file)
+            script = "bench/no_stats.py" if mode == "nostats" else "run.py"
+            server, admin = servers.tollgate(name, upstream.port, storage=storage, log_to_file=log_to_file,
+                                             script=script)
             path = "/exempt/bench" if mode == "off" else "/bench"
             others = {"upstream": upstream, **({"redis": redis} if redis and mode == "redis" else {})}
             targets[name] = Target(name, f"http://127.0.0.1:{server.port}{path}", server, others=others,
@@ -151,7 +157,7 @@ def sanity_check(target: Target) -> None:
         policy = response.headers.get("RateLimit-Policy")
     if response.status != 200:
         raise BenchError(f"{target.name}: {target.url} answered {response.status} {body[:80]!r}")
-    limited = target.name in ("tollgate-memory", "tollgate-redis")
+    limited = target.name in ("tollgate-memory", "tollgate-nostats", "tollgate-redis")
     if limited and not policy:
         raise BenchError(f"{target.name}: no RateLimit-Policy header: the limiter did not run")
     if target.name == "tollgate-off" and policy:
