@@ -471,3 +471,22 @@ def step(text: str) -> Iterator[None]:
     started = time.monotonic()
     yield
     print(f" {time.monotonic() - started:.1f}s", flush=True)
+
+
+def guarded(body: Callable[[], int]) -> int:
+    """Run a bench body; turn its failures and interruptions into one line and an exit code.
+
+    Every process it started has been stopped by then (the Servers context).
+    """
+    try:
+        return body()
+    except BenchError as exc:
+        print(f"\nbench failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: every process the bench started has been stopped", file=sys.stderr)
+        return 130
+    except Interrupted as exc:
+        print(f"\nstopped by {exc} (deadline or SIGTERM): every process the bench started has been stopped",
+              file=sys.stderr)
+        return 124

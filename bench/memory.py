@@ -32,9 +32,9 @@ from typing import Any
 from _harness import (
     ROOT,
     BenchError,
-    Interrupted,
     Servers,
     get_json,
+    guarded,
     reset_peak_rss,
     rss_kib,
     run_wrk,
@@ -338,22 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"meta": {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                        "command": " ".join(["memory.py", *sys.argv[1:]])}}
     print(f"Tollgate memory bench; deadline {budget:.0f}s", flush=True)
-    try:
+    def body() -> int:
         with Servers(budget) as servers:
             if args.only in (None, "clients"):
                 result["clients"] = bench_clients(servers, args)
             if args.only in (None, "stream"):
                 result["stream"] = bench_stream(servers, args)
-    except BenchError as exc:
-        print(f"\nbench failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: every process the bench started has been stopped", file=sys.stderr)
-        return 130
-    except Interrupted as exc:
-        print(f"\nstopped by {exc} (deadline or SIGTERM): every process the bench started has been stopped",
-              file=sys.stderr)
-        return 124
+        return 0
+
+    code = guarded(body)
+    if code:
+        return code
     if "clients" in result:
         print_clients(result["clients"])
     if "stream" in result:

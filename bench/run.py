@@ -32,9 +32,9 @@ from typing import Any
 from _harness import (
     ROOT,
     BenchError,
-    Interrupted,
     Server,
     Servers,
+    guarded,
     machine_busy_seconds,
     run_wrk,
     step,
@@ -346,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print(f"Tollgate bench: {n_targets} targets x {args.rounds} round(s) x {args.duration:g}s, "
           f"wrk -t{args.threads} -c{args.connections}; deadline {budget:.0f}s", flush=True)
-    try:
+    out: dict[str, Any] = {}
+
+    def body() -> int:
         with Servers(budget) as servers:
             targets = start_all(servers, args)
             with step(f"warm-up, {warmup}s per target"):
@@ -375,16 +377,14 @@ def main(argv: list[str] | None = None) -> int:
             log_sizes = {name: (servers.tmp / f"{name}.log").stat().st_size
                          for name in targets if name.startswith("tollgate")
                          and (servers.tmp / f"{name}.log").exists()}
-    except BenchError as exc:
-        print(f"\nbench failed: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: every process the bench started has been stopped", file=sys.stderr)
-        return 130
-    except Interrupted as exc:
-        print(f"\nstopped by {exc} (deadline or SIGTERM): every process the bench started has been stopped",
-              file=sys.stderr)
-        return 124
+            out.update(summary=summary, ratio_table=ratio_table, prof=prof, log_sizes=log_sizes, targets=targets)
+        return 0
+
+    code = guarded(body)
+    if code:
+        return code
+    summary, ratio_table, prof, log_sizes = out["summary"], out["ratio_table"], out["prof"], out["log_sizes"]
+    targets = out["targets"]
 
     print_report(summary, ratio_table, args.rounds)
     if prof:

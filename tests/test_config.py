@@ -98,8 +98,8 @@ CASES = [
          'upstream.preserve_host: must be true or false, got "maybe"'),
     # --- storage --------------------------------------------------------------
     case("storage.backend", "storage: {backend: mongo}", 'storage.backend: must be one of memory, redis, got "mongo"'),
-    case("storage.url", 'storage: {url: "http://127.0.0.1:6379"}',
-         'storage.url: must be a redis:// or rediss:// or unix:// URL with a host, got "http://127.0.0.1:6379"'),
+    case("storage.url", 'storage: {url: "http://127.0.0.1:6390"}',
+         'storage.url: must be a redis:// or rediss:// or unix:// URL with a host, got "http://127.0.0.1:6390"'),
     case("storage.url-bad-port-with-password", 'storage: {url: "redis://:hunter2@10.0.0.5:99999/0"}',
          'storage.url: is not a valid URL, got "redis://***@10.0.0.5:99999/0"'),
     case("storage.url-text-port-with-password", 'storage: {url: "redis://:hunter2@host:port/0"}',
@@ -606,9 +606,9 @@ def test_no_error_line_holds_a_raw_key(text: str) -> None:
 @pytest.mark.parametrize(
     ("url", "line"),
     [
-        pytest.param("http://admin:hunter2@10.0.0.5:6379/0",
+        pytest.param("http://admin:hunter2@10.0.0.5:6390/0",
                      'storage.url: must be a redis:// or rediss:// or unix:// URL with a host, '
-                     'got "http://admin:***@10.0.0.5:6379/0"', id="user-and-password"),
+                     'got "http://admin:***@10.0.0.5:6390/0"', id="user-and-password"),
         pytest.param("redis://:hunter2@",
                      'storage.url: must be a redis:// or rediss:// or unix:// URL with a host, got "redis://***@"',
                      id="password-only"),
