@@ -75,7 +75,8 @@ async def serve(config: Config, *, start_mock: bool) -> int:
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
-            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            # straight to stderr: os._exit skips the logging thread's last flush
+            print(f"tollgate: second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
             os._exit(1)
         log.info("%s: stopping (draining up to %gs)", signal.Signals(signum).name,
                  config.server.shutdown_timeout)

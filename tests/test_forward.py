@@ -67,6 +67,12 @@ async def test_absolute_form_request_target_is_forwarded_by_its_path(upstream):
     assert body["path"] == "/a/../b%2F" and body["query"] == "x=%2F"
 
 
+async def test_upstream_path_prefix_is_kept(upstream):
+    async with running(OPEN.replace('url: "{upstream}"', 'url: "{upstream}/api/v2/"'), upstream.url) as tg:
+        body = await echo(tg, "GET", "/users/7?x=1")
+    assert body["path"] == "/api/v2/users/7" and body["query"] == "x=1"
+
+
 async def test_binary_body_round_trips(upstream):
     payload = bytes(range(256)) * 40
     async with running(OPEN, upstream.url) as tg:

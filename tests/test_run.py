@@ -174,3 +174,17 @@ async def test_json_access_log_one_line_per_request(run_process, tmp_path):
     assert [(e["path"], e["status"], e["decision"], e["tier"]) for e in lines] == [
         ("/users", 200, "allowed", "anonymous"), ("/status/404", 404, "allowed", "anonymous")]
     assert all(e["client"] == "127.0.0.1" and e["proxy_ms"] >= 0 and e["upstream_ms"] > 0 for e in lines)
+
+
+async def test_a_second_signal_forces_exit(run_process, tmp_path):
+    proc, ports = start(run_process, tmp_path)
+    async with aiohttp.ClientSession() as session:
+        slow = asyncio.create_task(session.get(f"http://127.0.0.1:{ports['port']}/delay/20"))
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)  # drains for up to shutdown_timeout (5 s here)...
+        await asyncio.sleep(0.3)
+        assert proc.is_running()
+        proc.send_signal(signal.SIGTERM)  # ...unless told again
+        assert proc.wait(timeout=3) == 1
+        slow.cancel()
+    assert "second SIGTERM: exiting now" in proc.stderr_text()
