@@ -170,15 +170,18 @@ async def test_fds_and_rss_stay_flat_over_an_abuse_loop(run_process, tmp_path, u
     await asyncio.sleep(0.5)
     fds_before, rss_before = proc_numbers(proc.pid)
     await round_of(500)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while served_connections(port) and loop.time() < deadline:  # every abusive connection closed
+        await asyncio.sleep(0.1)
+    assert served_connections(port) == 0
     async with aiohttp.ClientSession() as session:
-        for _ in range(50):  # let the proxy settle, bounded
-            async with session.get(f"http://127.0.0.1:{port}/users") as resp:
-                assert resp.status == 200
-            if proc_numbers(proc.pid)[0] <= fds_before + 2:
-                break
-            await asyncio.sleep(0.1)
+        async with session.get(f"http://127.0.0.1:{port}/users") as resp:
+            assert resp.status == 200  # and the proxy still serves
     fds_after, rss_after = proc_numbers(proc.pid)
-    assert fds_after <= fds_before + 2, (fds_before, fds_after)
+    # What may differ is idle keep-alive connections in the upstream pool, bounded by the
+    # 20 concurrent requests of a batch; a leak would grow with the 500 connections.
+    assert fds_after <= fds_before + 20, (fds_before, fds_after)
     assert rss_after - rss_before < 8 * 1024, (rss_before, rss_after)  # KiB
     assert "Traceback" not in proc.stderr_text()
     assert proc.terminate() == 0
