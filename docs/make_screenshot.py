@@ -21,7 +21,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from cdp import Browser  # noqa: E402
+from cdp import Browser
 
 
 def free_port() -> int:
