@@ -64,6 +64,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return _finish(runtime, record, _refuse(client.tier, decision, headers or {}, record), started)
     if decision.delay > 0:
         await asyncio.sleep(decision.delay)  # leaky bucket: released in arrival order
+        if request.transport is None or request.transport.is_closing():
+            record.status = 499  # gave up while queued: nothing to forward
+            runtime.observe(record, time.perf_counter() - started)
+            return web.Response(status=499)
     return await _forward(request, runtime, record, started, headers)
 
 

@@ -250,3 +250,19 @@ async def test_memory_follows_active_clients(counter, fake_clock):
         fake_clock.advance(0.5)  # 1 token refilled at 1/s: back to full
         assert await store.sweep(limits) == 200
         assert store.clients() == 0
+
+
+async def test_a_client_that_gives_up_while_queued_is_not_forwarded(counter, fake_clock):
+    key = {"X-API-Key": "queue-key"}
+    async with running(CONFIG, counter.url, clock=fake_clock) as tg:
+        assert (await tg.get("/x", headers={**key, "X-Seq": "first"}))[0] == 200
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(tg.url.rsplit(":", 1)[1]))
+        writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\nX-API-Key: queue-key\r\nX-Seq: quitter\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.01)  # queued for 50 ms behind the first
+        writer.transport.abort()
+        await asyncio.sleep(0.1)
+        assert (await tg.get("/x", headers={**key, "X-Seq": "third"}))[0] == 200
+        lines = tg.access_lines()
+    assert counter.seen == ["first", "third"]
+    assert any("status=499" in line for line in lines)
