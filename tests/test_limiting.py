@@ -256,7 +256,7 @@ async def test_a_client_that_gives_up_while_queued_is_not_forwarded(counter, fak
     key = {"X-API-Key": "queue-key"}
     async with running(CONFIG, counter.url, clock=fake_clock) as tg:
         assert (await tg.get("/x", headers={**key, "X-Seq": "first"}))[0] == 200
-        reader, writer = await asyncio.open_connection("127.0.0.1", int(tg.url.rsplit(":", 1)[1]))
+        _, writer = await asyncio.open_connection("127.0.0.1", int(tg.url.rsplit(":", 1)[1]))
         writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\nX-API-Key: queue-key\r\nX-Seq: quitter\r\n\r\n")
         await writer.drain()
         await asyncio.sleep(0.01)  # queued for 50 ms behind the first
