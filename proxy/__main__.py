@@ -92,6 +92,7 @@ async def serve(config: Config, *, start_mock: bool) -> int:
                 raise StartError(str(exc)) from None
         store = await stack.enter_async_context(open_store(config.storage))
         runtime = build_runtime(config, store)
+        await runtime.limiter.start()
         reloader = runtime.reloader
         await stack.enter_async_context(
             listen(build_proxy_app(runtime), config.server.host, config.server.port, "proxy",

@@ -66,6 +66,14 @@ class Limiter:
         self._describe = describe or store.backend
         self._memory = store if isinstance(store, MemoryStore) else None
 
+    async def start(self) -> None:
+        """Connect before traffic arrives. A store that is down is not fatal:
+        the outage is logged once and `on_error` applies until it answers."""
+        try:
+            await self.store.warm()
+        except StorageUnavailable as exc:
+            self._failed(exc)
+
     async def decide(self, identity: str, tier: Tier, cost: int) -> Decision:
         if tier.unlimited:
             return UNLIMITED
@@ -94,15 +102,15 @@ class Limiter:
     def _failed(self, exc: BaseException) -> None:
         health = self.health
         health.errors += 1
-        reason = str(exc) or f"timed out after {self.timeout:g}s"
+        # A store's own message names its (masked) URL; a timeout says nothing.
+        reason = str(exc) or f"{self._describe} did not answer within {self.timeout:g}s"
         health.last_error = reason
         now = time.monotonic()
         if health.healthy:
             health.healthy = False
             health.down_since = time.time()
             health.backoff = BACKOFF_START
-            log.error("storage %s unavailable (%s); storage.on_error=%s is in force",
-                      self._describe, reason, self.on_error)
+            log.error("storage unavailable: %s; storage.on_error=%s is in force", reason, self.on_error)
         else:
             health.backoff = min(BACKOFF_MAX, health.backoff * 2)
         health.retry_at = now + health.backoff

@@ -70,6 +70,7 @@ async def running(
     server = config.server
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(store.close)
+        await runtime.limiter.start()
         port = await stack.enter_async_context(listen(
             build_proxy_app(runtime), "127.0.0.1", 0, "proxy", shutdown_timeout=server.shutdown_timeout,
             keepalive_timeout=server.keepalive_timeout, header_timeout=header_timeout,

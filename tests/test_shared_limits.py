@@ -160,6 +160,16 @@ async def test_outage_log_masks_the_password(upstream, caplog):
     assert "unavailable" in text and "***" in text and "hunter2-secret" not in text
 
 
+async def test_redis_down_at_start_is_not_ready_under_deny_and_logged_once(upstream, caplog):
+    caplog.set_level(logging.INFO, logger="tollgate")
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    async with running(failure_config(url, upstream.url, "deny"), upstream.url) as tg:
+        assert await ready(tg) == 503  # before any request has tried Redis
+        for _ in range(3):
+            assert (await tg.get("/users"))[0] == 503
+    assert len([r for r in caplog.records if "unavailable" in r.getMessage()]) == 1
+
+
 async def test_redis_cluster_limits_work_across_slots(redis_cluster, upstream):
     cfg = (f"upstream: {{url: '{upstream.url}'}}\n"
            f"storage: {{backend: redis, cluster: true, url: '{redis_cluster.url}', timeout: 1}}\n"

@@ -64,5 +64,8 @@ class Store(ABC):
     async def ping(self) -> None:
         """Raise StorageUnavailable unless the store answers (health checks)."""
 
+    async def warm(self) -> None:
+        """Open what the store needs before traffic arrives; raise StorageUnavailable."""
+
     async def close(self) -> None:
         """Release connections and background tasks."""
