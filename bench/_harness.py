@@ -490,3 +490,10 @@ def guarded(body: Callable[[], int]) -> int:
         print(f"\nstopped by {exc} (deadline or SIGTERM): every process the bench started has been stopped",
               file=sys.stderr)
         return 124
+
+
+def write_result(path: Path, result: dict[str, Any], started: float) -> None:
+    """Save a bench's figures as JSON (bench/results/ is git-ignored) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path} ({time.monotonic() - started:.0f}s in all)")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from _harness import (
     status_kib,
     step,
     wait_http,
+    write_result,
 )
 
 SWEEP_WAIT = 12.0  # the sweeper runs every 10 s; one full period plus the sweep itself
@@ -354,9 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if "stream" in result:
         print_stream(result["stream"])
     result["meta"]["wall_seconds"] = round(time.monotonic() - started, 1)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.output} ({time.monotonic() - started:.0f}s in all)")
+    write_result(args.output, result, started)
     return 0
 
 

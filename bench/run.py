@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import platform
 import re
 import resource
@@ -39,6 +38,7 @@ from _harness import (
     run_wrk,
     step,
     wait_http,
+    write_result,
 )
 
 TARGETS = ("direct", "nginx", "tollgate-off", "tollgate-memory", "tollgate-redis")
@@ -407,9 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {name: t.runs for name, t in targets.items()},
         "profile": prof,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.output} ({time.monotonic() - started:.0f}s in all)")
+    write_result(args.output, result, started)
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -19,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .dashboard import setup_dashboard
-from .identity import address_id
+from .identity import find_client
 from .limits.store import StorageUnavailable
 from .problems import problem
 from .ratelimit_headers import most_constraining, refusing_limit, whole_seconds
@@ -124,27 +123,10 @@ async def stats_reset(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _client(runtime: Runtime, client_id: str) -> tuple[str, str] | None:
-    """A client id -> (tier name, identity): a key's name, or an address."""
-    config = runtime.config
-    key = config.key_by_name(client_id)
-    if key is not None:
-        return key.tier, "k:" + key.digest[:32]
-    if "anonymous" not in config.tiers:
-        return None
-    try:
-        address = ipaddress.ip_address(client_id)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return "anonymous", "a:" + address_id(address, config.clients.ipv6_prefix)
-
-
 async def client_get(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     client_id = request.match_info["id"]
-    found = _client(runtime, client_id)
+    found = find_client(runtime.config, client_id)
     if found is None:
         return problem(404, "unknown_client", "No API key has this name, and it is not an IP address.")
     tier = runtime.config.tiers[found[0]]
@@ -160,7 +142,7 @@ async def client_get(request: web.Request) -> web.Response:
 
 async def client_delete(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    found = _client(runtime, request.match_info["id"])
+    found = find_client(runtime.config, request.match_info["id"])
     if found is None:
         return problem(404, "unknown_client", "No API key has this name, and it is not an IP address.")
     try:

@@ -75,14 +75,15 @@ class Upstream:
         )
 
 
-def _connection_named(headers: Mapping[str, str] | CIMultiDict[str], values: list[str]) -> set[str]:
+def _connection_named(values: list[str]) -> set[str]:
+    """Header names listed in Connection: hop-by-hop for this hop only."""
     return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
 
 
 def request_headers(request: web.Request, upstream: Upstream) -> CIMultiDict[str]:
     """The headers to send upstream: end-to-end ones plus X-Forwarded-*."""
     incoming = request.headers
-    named = _connection_named(incoming, incoming.getall("Connection", []))
+    named = _connection_named(incoming.getall("Connection", []))
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lname = name.lower()
@@ -202,7 +203,7 @@ async def _exchange(
 
 def copy_response_headers(source: aiohttp.ClientResponse, target: web.StreamResponse) -> None:
     """End-to-end response headers, duplicates (Set-Cookie) and order kept."""
-    named = _connection_named(source.headers, source.headers.getall("Connection", []))
+    named = _connection_named(source.headers.getall("Connection", []))
     headers = target.headers
     for raw_name, raw_value in source.raw_headers:
         name = raw_name.decode("latin-1")

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from multidict import CIMultiDictProxy
 
-from .config import Config, Network, Tier, hash_key
+from .config import ApiKey, Config, Network, Tier, hash_key
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -26,7 +26,6 @@ class Client:
     id: str  # key name, or address (IPv6: its prefix network's address)
     tier: Tier
     identity: str
-    keyed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +75,30 @@ def address_id(address: IPAddress, ipv6_prefix: int) -> str:
     return str(address)
 
 
+def key_identity(entry: ApiKey) -> str:
+    """The limit-state key of an API key's client: from its digest, never the key."""
+    return "k:" + entry.digest[:32]
+
+
+def address_identity(client_id: str) -> str:
+    """The limit-state key of an anonymous client, from its id (address or prefix)."""
+    return "a:" + client_id
+
+
+def find_client(config: Config, client_id: str) -> tuple[str, str] | None:
+    """A client id as the admin API names it -> (tier name, identity), or None.
+
+    The id is a key's `name`, or an address (an IPv6 one maps to its prefix).
+    """
+    entry = config.key_by_name(client_id)
+    if entry is not None:
+        return entry.tier, key_identity(entry)
+    address = _parse(client_id)
+    if "anonymous" not in config.tiers or address is None:
+        return None
+    return "anonymous", address_identity(address_id(address, config.clients.ipv6_prefix))
+
+
 def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) -> Client | Rejection:
     """Map a request to a Client of the config in force, or say why not."""
     clients = config.clients
@@ -83,7 +106,7 @@ def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) ->
     if key:
         entry = config.api_keys.get(hash_key(key))
         if entry is not None:
-            return Client(entry.name, config.tiers[entry.tier], "k:" + entry.digest[:32], True)
+            return Client(entry.name, config.tiers[entry.tier], key_identity(entry))
         if clients.unknown_key == "reject":
             return Rejection("invalid_api_key", f"The {clients.api_key_header} header holds an unknown API key.")
     if clients.require_key and not key:
@@ -95,4 +118,4 @@ def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) ->
     else:
         address = client_address(peer or "", headers.getall("X-Forwarded-For", ()), clients.trusted_proxies)
         ip = address_id(address, clients.ipv6_prefix) if address is not None else (peer or "unknown")
-    return Client(ip, config.tiers["anonymous"], "a:" + ip, False)
+    return Client(ip, config.tiers["anonymous"], address_identity(ip))

@@ -8,11 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
-
-# SPEC's decisions, plus "rejected": refused before the limiter (a declared body over
-# server.max_body_size), which charges no quota.
-DECISIONS: Final = ("allowed", "blocked", "unauthorized", "exempt", "unavailable", "rejected")
 
 
 @dataclass(slots=True)
@@ -21,6 +16,8 @@ class RequestRecord:
     path: str
     client: str  # key name or address: never a raw key
     tier: str
+    # SPEC's decisions (allowed, blocked, unauthorized, exempt, unavailable), plus
+    # "rejected": a declared body over server.max_body_size, refused before the limiter.
     decision: str
     identity: str = ""  # the limit-state key ("k:<sha256>" / "a:<address>"): never a raw key
     status: int = 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final, NamedTuple
 
@@ -301,9 +301,6 @@ class LeakyBucket(Algorithm):
 ALGORITHMS: Final[Mapping[str, type[Algorithm]]] = {
     cls.name: cls for cls in (TokenBucket, SlidingWindow, FixedWindow, LeakyBucket)
 }
-
-Factory = Callable[..., Algorithm]
-
 
 def check_all(
     algorithms: Sequence[Algorithm], states: Sequence[State], now: int, cost: int
