@@ -1,7 +1,7 @@
 """Wiring only: the proxy app, the admin app, and the things they own.
 
 Every closable thing is one small async context manager in `cleanup_ctx`
-(the upstream session, the store, background tasks) so a failing start still
+(the upstream pool, the store, background tasks) so a failing start still
 closes what was opened before it.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from .accesslog import AccessLog
@@ -43,7 +42,7 @@ def build_proxy_app(runtime: Runtime) -> web.Application:
     app[RUNTIME] = runtime
     # [\s\S]: a path holding an encoded newline (%0A) is forwarded too; "." would 404 it.
     app.router.add_route("*", r"/{tail:[\s\S]*}", handle)
-    app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_upstream_pool)
     app.cleanup_ctx.append(_memory_sweeper)
     app.on_cleanup.append(_close_access_log)
     return app
@@ -62,18 +61,14 @@ def build_admin_app(runtime: Runtime) -> web.Application:
     return app
 
 
-async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
-    """One pooled keep-alive session to the upstream for the life of the app."""
+async def _upstream_pool(app: web.Application) -> AsyncIterator[None]:
+    """One keep-alive connection pool to the upstream for the life of the app."""
     runtime = app[RUNTIME]
-    connector = aiohttp.TCPConnector(limit=1024, keepalive_timeout=30, ttl_dns_cache=60)
-    session = aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
-    )
-    runtime.session = session
+    runtime.pool = runtime.upstream.pool()
     try:
         yield
     finally:
-        await session.close()
+        await runtime.pool.close()
 
 
 async def _memory_sweeper(app: web.Application) -> AsyncIterator[None]:

@@ -3,34 +3,38 @@
 Bodies stream both ways with backpressure (a 1 GiB body never sits in
 memory); the raw path and query go out byte-exact; hop-by-hop headers are
 dropped (RFC 9110 §7.6.1 and those named in Connection); redirects are passed
-back, never followed. Upstream failures become 502/504 in `upstream_failure`.
+back, never followed. The request head is serialized here, once, from the
+client's raw header bytes and sent through `proxy.upstream`'s pool; upstream
+failures become 502/504 in `upstream_failure`.
 """
 
 from __future__ import annotations
 
-import asyncio
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from .problems import problem
+from .upstream import ConnectFailed, ConnectTimeout, Pool, Response, UpstreamError, UpstreamTimeout
 
 HOP_BY_HOP: Final = frozenset(
-    h.lower()
+    h.lower().encode()
     for h in (
         "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection",
         "TE", "Trailer", "Transfer-Encoding", "Upgrade",
     )
 )
-# Not forwarded to the upstream: the session sets its own Host (unless
-# preserve_host) and Expect is answered by Tollgate's own server.
-REQUEST_SKIP: Final = HOP_BY_HOP | {"host", "expect"}
-RESPONSE_SKIP: Final = HOP_BY_HOP | {"content-length"}
+# Not copied from the client: Host is the upstream's (unless preserve_host),
+# Expect is answered by Tollgate's own server, X-Forwarded-* are rewritten,
+# and the body's framing (Content-Length or chunked) is Tollgate's to send.
+REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"expect", b"content-length", b"x-forwarded-for",
+                                    b"x-forwarded-proto", b"x-forwarded-host"}
+RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
 CHUNK: Final = 64 * 1024
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 
@@ -57,160 +61,186 @@ class Upstream:
 
     base: URL
     base_path: str
+    host: str
+    port: int
+    host_header: bytes  # Host sent upstream unless preserve_host
+    tls: bool
     preserve_host: bool
     timeout: float
     connect_timeout: float
     max_body_size: int | None
-    client_timeout: aiohttp.ClientTimeout
 
     @classmethod
     def from_url(cls, url: str, *, preserve_host: bool, timeout: float, connect_timeout: float,
                  max_body_size: int | None) -> Upstream:
         parsed = URL(url)
+        assert parsed.host is not None and parsed.port is not None
         return cls(
-            base=parsed.origin(), base_path=parsed.raw_path.rstrip("/"), preserve_host=preserve_host,
-            timeout=timeout, connect_timeout=connect_timeout, max_body_size=max_body_size,
-            # sock_read: no byte from the upstream for `timeout` s (headers or between chunks)
-            client_timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=timeout),
+            base=parsed.origin(), base_path=parsed.raw_path.rstrip("/"), host=parsed.host, port=parsed.port,
+            host_header=parsed.origin().raw_authority.encode("idna"), tls=parsed.scheme == "https",
+            preserve_host=preserve_host, timeout=timeout, connect_timeout=connect_timeout,
+            max_body_size=max_body_size,
         )
 
+    def pool(self) -> Pool:
+        """A connection pool for this upstream (call inside the running loop)."""
+        # Idle connections are closed after 30 s: before a typical upstream's own
+        # keep-alive timeout (aiohttp 75 s, nginx 75 s), so the race is rare.
+        return Pool(self.host, self.port, ssl_context=ssl.create_default_context() if self.tls else None,
+                    connect_timeout=self.connect_timeout, timeout=self.timeout, keepalive=30.0)
 
-def _connection_named(values: list[str]) -> set[str]:
+    def same_origin(self, other: Upstream) -> bool:
+        """Can `other` reuse this one's pool?"""
+        return (self.host, self.port, self.tls, self.timeout, self.connect_timeout) == (
+            other.host, other.port, other.tls, other.timeout, other.connect_timeout)
+
+
+def _connection_named(values: list[bytes]) -> set[bytes]:
     """Header names listed in Connection: hop-by-hop for this hop only."""
-    return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
+    return {token.strip().lower() for value in values for token in value.split(b",") if token.strip()}
 
 
-def request_headers(request: web.Request, upstream: Upstream) -> CIMultiDict[str]:
-    """The headers to send upstream: end-to-end ones plus X-Forwarded-*."""
-    incoming = request.headers
-    named = _connection_named(incoming.getall("Connection", []))
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
+def request_head(request: web.Request, upstream: Upstream, target: bytes) -> tuple[bytes, bool]:
+    """The request head to send upstream (end-to-end headers plus X-Forwarded-*),
+    and whether its body goes chunked."""
+    lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode("ascii"), target)]
+    host = forwarded_for = None
+    named: set[bytes] | None = None
+    chunked = False
+    length: bytes | None = None
+    raw = request.raw_headers
+    for name, value in raw:
         lname = name.lower()
-        if lname in REQUEST_SKIP or lname in named or lname == "x-forwarded-for":
+        if lname in REQUEST_SKIP:
+            if lname == b"host":
+                host = value
+            elif lname == b"x-forwarded-for":
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+            elif lname == b"connection":
+                named = _connection_named([value]) | (named or set())
+            elif lname == b"content-length":
+                length = value
+            elif lname == b"transfer-encoding":
+                chunked = True
             continue
-        out.add(name, value)
-    peer = request.remote or ""
-    prior = ", ".join(incoming.getall("X-Forwarded-For", []))
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    out["X-Forwarded-Proto"] = request.scheme
-    host = incoming.get("Host")
+        lines.append(b"%s: %s\r\n" % (name, value))
+    if named:  # rare: drop what Connection named, keeping order
+        lines = [lines[0]] + [line for line in lines[1:] if line.split(b":", 1)[0].lower() not in named]
+    peer = (request.remote or "").encode("ascii")
+    lines.append(b"X-Forwarded-For: %s\r\n" % (forwarded_for + b", " + peer if forwarded_for else peer))
+    lines.append(b"X-Forwarded-Proto: %s\r\n" % request.scheme.encode("ascii"))
     if host:
-        out["X-Forwarded-Host"] = host
-        if upstream.preserve_host:
-            out["Host"] = host
-    return out
+        lines.append(b"X-Forwarded-Host: %s\r\n" % host)
+    lines.append(b"Host: %s\r\n" % (host if upstream.preserve_host and host else upstream.host_header))
+    if chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    elif length is not None:
+        lines.append(b"Content-Length: %s\r\n" % length)
+    lines.append(b"\r\n")
+    return b"".join(lines), chunked
 
 
-class _Body:
-    """The client's body as a stream, cut off past `limit` bytes.
-
-    aiohttp's client wraps errors raised by a payload, so the overflow is
-    also remembered here for `forward` to tell apart from an upstream error.
-    """
-
-    def __init__(self, request: web.Request, limit: int | None) -> None:
-        self._request = request
-        self._limit = limit
-        self.too_large = False
-        self.client_gone = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        sent = 0
-        chunks = self._request.content.iter_chunked(CHUNK)
-        while True:
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                return
-            except (ConnectionError, aiohttp.ClientPayloadError, web.HTTPException) as exc:
-                self.client_gone = True
-                raise ClientGone from exc
-            sent += len(chunk)
-            if self._limit is not None and sent > self._limit:
-                self.too_large = True
-                raise BodyTooLarge
-            yield chunk
+async def _client_body(request: web.Request, limit: int | None) -> AsyncIterator[bytes]:
+    """The client's body as a stream, cut off past `limit` bytes."""
+    sent = 0
+    content = request.content
+    while True:
+        try:
+            chunk = await content.readany()
+        except (ConnectionError, aiohttp.ClientPayloadError, web.HTTPException) as exc:
+            raise ClientGone from exc
+        if not chunk:
+            return
+        sent += len(chunk)
+        if limit is not None and sent > limit:
+            raise BodyTooLarge
+        yield chunk
 
 
-def upstream_failure(exc: BaseException, upstream: Upstream) -> tuple[web.Response, str]:
-    """Map a failure before the response started to Tollgate's answer and an error kind."""
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+def upstream_failure(exc: UpstreamError, upstream: Upstream) -> web.Response:
+    """Tollgate's answer to a failure before the response started."""
+    if isinstance(exc, ConnectTimeout):
         return problem(502, "bad_gateway", f"Could not connect to the upstream within "
-                       f"{upstream.connect_timeout:g}s."), "connect_timeout"
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return problem(504, "gateway_timeout", f"The upstream sent no response within "
-                       f"{upstream.timeout:g}s."), "timeout"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return problem(502, "bad_gateway", "The upstream refused the connection or is unreachable."), "connect"
-    return problem(502, "bad_gateway", "The upstream closed the connection without a valid response."), "protocol"
+                       f"{upstream.connect_timeout:g}s.")
+    if isinstance(exc, UpstreamTimeout):
+        return problem(504, "gateway_timeout", f"The upstream sent no response within {upstream.timeout:g}s.")
+    if isinstance(exc, ConnectFailed):
+        return problem(502, "bad_gateway", "The upstream refused the connection or is unreachable.")
+    return problem(502, "bad_gateway", "The upstream closed the connection without a valid response.")
 
 
-async def forward(
-    request: web.Request, session: aiohttp.ClientSession, upstream: Upstream,
-    extra_headers: Mapping[str, str] | None = None,
-) -> web.StreamResponse:
-    """Send `request` upstream and stream the answer back.
-
-    Raises BodyTooLarge before the response started, UpstreamBroken after,
-    and aiohttp/timeout errors for `upstream_failure` to map.
-    """
+def upstream_target(request: web.Request, upstream: Upstream) -> bytes:
     raw = request.raw_path
     if not raw.startswith("/"):  # absolute-form request target (RFC 9112 §3.2.2)
         raw = URL(raw, encoded=True).raw_path_qs
-    path, _, query = raw.partition("?")
-    # URL.build keeps dot segments and %2F as sent; URL.join would resolve them.
-    url = URL.build(scheme=upstream.base.scheme, authority=upstream.base.raw_authority,
-                    path=upstream.base_path + path, query_string=query, encoded=True)
-    body = _Body(request, upstream.max_body_size) if request.body_exists else None
-    try:
-        return await _exchange(request, session, upstream, url, body, extra_headers)
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        if body is not None and body.too_large:
-            raise BodyTooLarge from exc
-        if (body is not None and body.client_gone) or request.transport is None or request.transport.is_closing():
-            raise ClientGone from exc
-        raise
+    return (upstream.base_path + raw).encode("utf-8", "surrogateescape")
 
 
-async def _exchange(
-    request: web.Request, session: aiohttp.ClientSession, upstream: Upstream, url: URL,
-    body: _Body | None, extra_headers: Mapping[str, str] | None,
+async def forward(
+    request: web.Request, pool: Pool, upstream: Upstream, extra_headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
-    data = body.__aiter__() if body is not None else None
-    async with session.request(
-        request.method, url, headers=request_headers(request, upstream), data=data,
-        allow_redirects=False, auto_decompress=False, compress=None, timeout=upstream.client_timeout,
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-    ) as upstream_response:
-        response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason)
-        copy_response_headers(upstream_response, response)
-        if extra_headers:
-            response.headers.update(extra_headers)
+    """Send `request` upstream and stream the answer back.
+
+    Raises BodyTooLarge or ClientGone before the response started,
+    UpstreamBroken after, and UpstreamError for `upstream_failure` to map.
+    """
+    head, chunked = request_head(request, upstream, upstream_target(request, upstream))
+    body = _client_body(request, upstream.max_body_size) if request.body_exists else None
+    try:
+        answer = await pool.request(head, body, method=request.method, chunked=chunked)
+    except UpstreamError:
+        if request.transport is None or request.transport.is_closing():
+            raise ClientGone from None
+        raise
+    try:
+        return await _relay(request, answer, extra_headers)
+    finally:
+        answer.close()
+
+
+async def _relay(request: web.Request, answer: Response, extra_headers: Mapping[str, str] | None,
+                 ) -> web.StreamResponse:
+    response = web.StreamResponse(status=answer.status, reason=answer.reason or None)
+    length = copy_response_headers(answer, response)
+    if extra_headers:
+        response.headers.update(extra_headers)
+    if length is not None:
+        response.headers["Content-Length"] = length.decode("latin-1")
+    no_body = request.method == "HEAD" or answer.status in NO_BODY_STATUSES
+    try:
         await response.prepare(request)
-        if request.method == "HEAD" or upstream_response.status in NO_BODY_STATUSES:
+        if no_body:
             return response
-        try:
-            async for chunk in upstream_response.content.iter_any():
-                await response.write(chunk)
-        except ConnectionError:
-            return response  # the client went away; aiohttp drops the connection quietly
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            raise UpstreamBroken(response, str(exc) or type(exc).__name__) from exc
+        while chunk := await answer.read():
+            await response.write(chunk)
         await response.write_eof()
-        return response
+    except (ConnectionError, aiohttp.ClientConnectionResetError):
+        return response  # the client went away; aiohttp drops the connection quietly
+    except UpstreamError as exc:
+        raise UpstreamBroken(response, str(exc) or type(exc).__name__) from exc
+    return response
 
 
-def copy_response_headers(source: aiohttp.ClientResponse, target: web.StreamResponse) -> None:
-    """End-to-end response headers, duplicates (Set-Cookie) and order kept."""
-    named = _connection_named(source.headers.getall("Connection", []))
+def copy_response_headers(source: Response, target: web.StreamResponse) -> bytes | None:
+    """End-to-end response headers, duplicates (Set-Cookie) and order kept.
+
+    Returns the upstream's Content-Length, when the body is framed by one.
+    """
+    named: set[bytes] = set()
+    length: bytes | None = None
+    chunked = False
+    for name, value in source.headers:
+        lname = name.lower()
+        if lname == b"connection":
+            named |= _connection_named([value])
+        elif lname == b"content-length":
+            length = value
+        elif lname == b"transfer-encoding":
+            chunked = True
     headers = target.headers
-    for raw_name, raw_value in source.raw_headers:
-        name = raw_name.decode("latin-1")
+    for name, value in source.headers:
         lname = name.lower()
         if lname in RESPONSE_SKIP or lname in named:
             continue
-        headers.add(name, raw_value.decode("latin-1"))
-    length = source.headers.get("Content-Length")
-    if length is not None and "Transfer-Encoding" not in source.headers:
-        target.headers["Content-Length"] = length
+        headers.add(name.decode("latin-1"), value.decode("latin-1"))
+    return None if chunked else length

@@ -11,7 +11,6 @@ import math
 import time
 from typing import Final
 
-import aiohttp
 from aiohttp import web
 
 from .config import Config, Route, Tier
@@ -22,6 +21,7 @@ from .problems import problem
 from .ratelimit_headers import rate_limit_headers, refusing_limit, retry_after_header
 from .records import RequestRecord
 from .runtime import RUNTIME, Runtime
+from .upstream import UpstreamError
 
 NO_ROUTE: Final = Route(path="/")
 
@@ -92,7 +92,7 @@ async def _forward(
 ) -> web.StreamResponse:
     upstream_started = time.perf_counter()
     try:
-        response = await forward(request, runtime.session, runtime.upstream, headers)
+        response = await forward(request, runtime.pool, runtime.upstream, headers)
     except BodyTooLarge:
         limit = runtime.upstream.max_body_size
         response = problem(413, "body_too_large", f"The request body exceeds {limit} bytes.")
@@ -112,9 +112,9 @@ async def _forward(
         record.upstream_seconds = time.perf_counter() - upstream_started
         runtime.observe(record, time.perf_counter() - started)
         return web.Response(status=499)
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        response, kind = upstream_failure(exc, runtime.upstream)
-        record.upstream_error = kind
+    except UpstreamError as exc:
+        response = upstream_failure(exc, runtime.upstream)
+        record.upstream_error = exc.kind
         record.upstream_seconds = time.perf_counter() - upstream_started
         return _finish(runtime, record, response, started)
     record.upstream_seconds = time.perf_counter() - upstream_started

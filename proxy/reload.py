@@ -101,7 +101,7 @@ class Reloader:
 
     def _apply(self, new: Config) -> None:
         runtime = self.runtime
-        runtime.upstream = upstream_of(new)
+        runtime.set_upstream(upstream_of(new))
         runtime.limiter.on_error = new.storage.on_error
         runtime.limiter.timeout = new.storage.timeout
         runtime.config = new  # the one swap that puts the new config in force

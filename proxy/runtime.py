@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import aiohttp
 from aiohttp import web
 
 from .accesslog import AccessLog
@@ -20,6 +19,7 @@ from .limiter import Limiter
 from .metrics import Metrics
 from .records import Observer, RequestRecord
 from .stats import Stats
+from .upstream import Pool
 
 
 def upstream_of(config: Config) -> Upstream:
@@ -34,7 +34,7 @@ def upstream_of(config: Config) -> Upstream:
 class Runtime:
     config: Config
     limiter: Limiter
-    session: aiohttp.ClientSession = field(init=False)  # opened by the proxy app's cleanup_ctx
+    pool: Pool = field(init=False)  # opened by the proxy app's cleanup_ctx
     upstream: Upstream = field(init=False)
     stats: Stats = field(default_factory=Stats)
     metrics: Metrics = field(init=False)
@@ -52,6 +52,14 @@ class Runtime:
         if self.access_log is None:
             self.access_log = AccessLog(self.config.log_format)
         self.observers = [self.stats.observe, self.metrics.observe, self.access_log]
+
+    def set_upstream(self, upstream: Upstream) -> None:
+        """Forward to `upstream` from now on; a new origin gets a new pool (the old
+        one's in-flight exchanges finish, its idle connections close)."""
+        if not upstream.same_origin(self.upstream):
+            self.pool.close_idle()
+            self.pool = upstream.pool()
+        self.upstream = upstream
 
     def observe(self, record: RequestRecord, total_seconds: float) -> None:
         """Finish a record (proxy-added time) and hand it to every observer."""
