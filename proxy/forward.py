@@ -200,13 +200,21 @@ async def forward(
 
 async def _relay(request: web.Request, answer: Response, extra_headers: Mapping[str, str] | None,
                  ) -> web.StreamResponse:
-    response = web.StreamResponse(status=answer.status, reason=answer.reason or None)
-    length = copy_response_headers(answer, response)
+    no_body = request.method == "HEAD" or answer.status in NO_BODY_STATUSES
+    whole = answer.complete and answer.length is not None and not no_body
+    # A body that arrived whole with its head (most API answers) goes out with
+    # the head in one write; anything else streams.
+    response = web.Response(status=answer.status, reason=answer.reason or None) if whole else \
+        web.StreamResponse(status=answer.status, reason=answer.reason or None)
+    copy_response_headers(answer, response)
     if extra_headers:
         response.headers.update(extra_headers)
-    if length is not None:
-        response.headers["Content-Length"] = length.decode("latin-1")
-    no_body = request.method == "HEAD" or answer.status in NO_BODY_STATUSES
+    if whole:
+        assert isinstance(response, web.Response)
+        response.body = answer.buffered()
+        return response
+    if answer.length is not None:
+        response.headers["Content-Length"] = answer.length.decode("latin-1")
     try:
         await response.prepare(request)
         if no_body:
@@ -221,26 +229,13 @@ async def _relay(request: web.Request, answer: Response, extra_headers: Mapping[
     return response
 
 
-def copy_response_headers(source: Response, target: web.StreamResponse) -> bytes | None:
-    """End-to-end response headers, duplicates (Set-Cookie) and order kept.
-
-    Returns the upstream's Content-Length, when the body is framed by one.
-    """
-    named: set[bytes] = set()
-    length: bytes | None = None
-    chunked = False
-    for name, value in source.headers:
-        lname = name.lower()
-        if lname == b"connection":
-            named |= _connection_named([value])
-        elif lname == b"content-length":
-            length = value
-        elif lname == b"transfer-encoding":
-            chunked = True
+def copy_response_headers(source: Response, target: web.StreamResponse) -> None:
+    """End-to-end response headers, duplicates (Set-Cookie) and order kept
+    (Content-Length is the caller's: it depends on how the body goes out)."""
+    named = _connection_named([value for name, value in source.headers if name.lower() == b"connection"])
     headers = target.headers
     for name, value in source.headers:
         lname = name.lower()
         if lname in RESPONSE_SKIP or lname in named:
             continue
         headers.add(name.decode("latin-1"), value.decode("latin-1"))
-    return None if chunked else length

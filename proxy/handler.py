@@ -53,7 +53,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         response = problem(401, client.error, client.message)
         return _finish(runtime, record, response, started)
     record = RequestRecord(request.method, request.path, client.id, client.tier.name, "allowed", client.identity)
-    decision = await runtime.limiter.decide(client.identity, client.tier, route.cost)
+    limiter = runtime.limiter
+    decision = limiter.decide_now(client.identity, client.tier, route.cost)
+    if decision is None:
+        decision = await limiter.decide(client.identity, client.tier, route.cost)
     if decision.unavailable:
         record.decision = "unavailable"
         response = problem(503, "limiter_unavailable", "The rate limiter's storage is unavailable; "

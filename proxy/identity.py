@@ -11,6 +11,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from multidict import CIMultiDictProxy
 
@@ -19,9 +20,12 @@ from .config import ApiKey, Config, Network, Tier, hash_key
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-@dataclass(frozen=True, slots=True)
-class Client:
-    """A resolved client. `identity` keys its limit state and never holds a raw key."""
+class Client(NamedTuple):
+    """A resolved client. `identity` keys its limit state and never holds a raw key.
+
+    A NamedTuple: one is made per request, and a tuple builds several times
+    faster than a frozen dataclass.
+    """
 
     id: str  # key name, or address (IPv6: its prefix network's address)
     tier: Tier

@@ -74,13 +74,22 @@ class Limiter:
         except StorageUnavailable as exc:
             self._failed(exc)
 
-    async def decide(self, identity: str, tier: Tier, cost: int) -> Decision:
+    def decide_now(self, identity: str, tier: Tier, cost: int) -> Decision | None:
+        """The decision, when it needs no I/O (unlimited tier, memory store, a
+        store in back-off); None: `await decide()`. Saves the proxy's hot path
+        a coroutine per request."""
         if tier.unlimited:
             return UNLIMITED
         if self._memory is not None:  # in-process: cannot fail, needs no timeout
             return _decision(self._memory.acquire_now(identity, tier.limits, cost))
         if not self.health.healthy and time.monotonic() < self.health.retry_at:
             return self._on_error(identity, tier.limits, cost)
+        return None
+
+    async def decide(self, identity: str, tier: Tier, cost: int) -> Decision:
+        decision = self.decide_now(identity, tier, cost)
+        if decision is not None:
+            return decision
         try:
             async with asyncio.timeout(self.timeout):
                 outcomes = await self.store.acquire(identity, tier.limits, cost)
@@ -145,6 +154,10 @@ class Limiter:
 
 
 def _decision(outcomes: list[Outcome], *, degraded: bool = False) -> Decision:
-    allowed = all(o.allowed for o in outcomes)
-    delay = max((o.delay for o in outcomes), default=0.0) if allowed else 0.0
-    return Decision(allowed=allowed, outcomes=outcomes, delay=delay, degraded=degraded)
+    allowed, delay = True, 0.0
+    for o in outcomes:  # a plain loop: all() and max() over generators cost more per request
+        if not o.allowed:
+            return Decision(False, outcomes, 0.0, False, degraded)
+        if o.delay > delay:
+            delay = o.delay
+    return Decision(allowed, outcomes, delay, False, degraded)

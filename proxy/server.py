@@ -28,40 +28,50 @@ HEADER_TIMEOUT = 10.0  # seconds; nginx's client_header_timeout defaults to 60
 
 
 class GuardedRequestHandler(RequestHandler):
+    """A request head must arrive within `header_timeout` of its first byte.
+
+    No timer is set or cancelled per request: `_head_since` says since when a
+    head has been awaited (None: none is), and one lazy timer per connection
+    checks it when it fires, re-arming only while a head is still awaited. A
+    head that arrives in one packet, the usual case, costs a comparison.
+    """
+
     header_timeout: float = HEADER_TIMEOUT
     _header_timer: asyncio.TimerHandle | None = None
-    _armed_at_count: int = 0
+    _head_since: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._arm()
+        self._await_head()
 
     def data_received(self, data: bytes) -> None:
         before = self._request_count
         super().data_received(data)
         if self._request_count > before:
-            self._disarm()  # a whole request head arrived
-        elif self._header_timer is None and not self._request_in_progress and not self._messages:
-            self._arm()  # first bytes of the next request on a kept-alive connection
+            self._head_since = None  # a whole request head arrived
+        elif self._head_since is None and not self._request_in_progress and not self._messages:
+            self._await_head()  # first bytes of the next request on a kept-alive connection
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        self._armed_at_count = self._request_count
-        self._header_timer = self._loop.call_later(self.header_timeout, self._expire)
-
-    def _disarm(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        super().connection_lost(exc)
+
+    def _await_head(self) -> None:
+        self._head_since = self._loop.time()
+        if self._header_timer is None:
+            self._header_timer = self._loop.call_at(self._head_since + self.header_timeout, self._expire)
 
     def _expire(self) -> None:
         self._header_timer = None
-        if self._request_in_progress or self._messages or self._request_count != self._armed_at_count:
+        since = self._head_since
+        if since is None or self._request_in_progress or self._messages:
             return
-        if self.transport is not None:
+        deadline = since + self.header_timeout
+        if deadline > self._loop.time() + 0.001:  # a later head started: wait for its own deadline
+            self._header_timer = self._loop.call_at(deadline, self._expire)
+        elif self.transport is not None:
             self.transport.close()
 
 

@@ -54,12 +54,14 @@ class _Stale(UpstreamError):
 class Response:
     """An upstream response: status, raw headers, then body chunks from `read()`."""
 
-    __slots__ = ("status", "reason", "headers", "_chunks", "_buffered", "_waiter", "_done", "_error", "_conn")
+    __slots__ = ("status", "reason", "headers", "length", "_chunks", "_buffered", "_waiter", "_done", "_error", "_conn")
 
-    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], conn: _Connection) -> None:
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: bytes | None,
+                 conn: _Connection) -> None:
         self.status = status
         self.reason = reason.decode("latin-1")
         self.headers = headers
+        self.length = length  # Content-Length, when that frames the body (not chunked)
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -71,6 +73,14 @@ class Response:
     def complete(self) -> bool:
         """The whole body has arrived (it may still be buffered here)."""
         return self._done
+
+    def buffered(self) -> bytes:
+        """Everything received and not yet read, at once (for a complete body)."""
+        chunks = self._chunks
+        body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return body
 
     async def read(self) -> bytes:
         """The next body chunk; b"" at the end. Raises UpstreamError if the upstream
@@ -216,14 +226,18 @@ class _Connection(asyncio.Protocol):
             self._headers = []
             self._status_text = []
             return
-        framed = False
+        length: bytes | None = None
+        chunked = False
         for name, value in self._headers:
             lname = name.lower()
-            if lname == b"content-length" or (lname == b"transfer-encoding" and b"chunked" in value.lower()):
-                framed = True
-                break
-        self._until_close = not framed and not self._head_only and status not in (204, 304)
-        response = Response(status, b"".join(self._status_text), self._headers, self)
+            if lname == b"content-length":
+                length = value
+            elif lname == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+        if chunked:
+            length = None
+        self._until_close = length is None and not chunked and not self._head_only and status not in (204, 304)
+        response = Response(status, b"".join(self._status_text), self._headers, length, self)
         self._response = response
         self._headers = []
         self._status_text = []

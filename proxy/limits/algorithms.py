@@ -131,7 +131,8 @@ class TokenBucket(Algorithm):
         rate = self.refill_rate
         if tokens + EPS >= cost:
             left = tokens - cost
-            return Outcome(True, _floor(left), (self._capacity - left) / rate), (left, now)
+            whole = int(left + EPS)  # _floor, inlined: this is the hot path of the default algorithm
+            return Outcome(True, whole if whole > 0 else 0, (self._capacity - left) / rate), (left, now)
         return (
             Outcome(False, _floor(tokens), (self._capacity - tokens) / rate, (cost - tokens) / rate),
             state,
@@ -312,11 +313,13 @@ def check_all(
     """
     outcomes: list[Outcome] = []
     new_states: list[State] = []
+    allowed = True
     for algorithm, state in zip(algorithms, states):
         outcome, new_state = algorithm.check(state, now, cost)
         outcomes.append(outcome)
         new_states.append(new_state)
-    if all(o.allowed for o in outcomes):
+        allowed = allowed and outcome.allowed
+    if allowed:
         return outcomes, new_states
     # Nothing is charged: the limits that would have allowed report as they stand.
     uncharged = [

@@ -33,12 +33,15 @@ class MemoryStore(Store):
     def acquire_now(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
         """`acquire` without the coroutine, for callers already on the loop."""
         now = to_micros(self._clock())
-        tables = [self._table(limit) for limit in limits]
-        states = [table.get(identity) for table in tables]
-        outcomes, new_states = check_all([lim.algorithm for lim in limits], states, now, cost)
+        tables = self._tables
+        states = []
+        for limit in limits:
+            table = tables.get(limit.key)
+            states.append(None if table is None else table.get(identity))
+        outcomes, new_states = check_all([limit.algorithm for limit in limits], states, now, cost)
         if new_states is not None:
-            for table, state in zip(tables, new_states):
-                table[identity] = state
+            for limit, state in zip(limits, new_states):
+                self._table(limit)[identity] = state
         return outcomes
 
     async def acquire(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
