@@ -91,8 +91,7 @@ class Limiter:
         if decision is not None:
             return decision
         try:
-            async with asyncio.timeout(self.timeout):
-                outcomes = await self.store.acquire(identity, tier.limits, cost)
+            outcomes = await self.store.acquire(identity, tier.limits, cost, timeout=self.timeout)
         except (StorageUnavailable, TimeoutError) as exc:
             self._failed(exc)
             return self._on_error(identity, tier.limits, cost)

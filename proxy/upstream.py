@@ -54,7 +54,7 @@ class _Stale(UpstreamError):
 class Response:
     """An upstream response: status, raw headers, then body chunks from `read()`."""
 
-    __slots__ = ("status", "reason", "headers", "length", "_chunks", "_buffered", "_waiter", "_done", "_error", "_conn")
+    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_waiter", "headers", "length", "reason", "status")
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: bytes | None,
                  conn: _Connection) -> None:

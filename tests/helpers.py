@@ -282,21 +282,29 @@ def _read_reply(stream: BinaryIO) -> RespValue:
     raise ConnectionError(f"not a RESP reply: {line!r}")
 
 
-def redis_command(port: int, *args: str, host: str = LOCALHOST, timeout: float = 1.0) -> RespValue:
-    """Send one command over a fresh raw socket and return the decoded reply.
+def _encode(*args: str) -> bytes:
+    encoded = [arg.encode() for arg in args]
+    return b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in encoded)
+
+
+def redis_command(port: int, *args: str, host: str = LOCALHOST, timeout: float = 1.0,
+                  password: str | None = None, db: int = 0) -> RespValue:
+    """Send one command over a fresh raw socket and return the decoded reply
+    (after AUTH `password` and SELECT `db`, when given).
 
     Independent of redis-py on purpose: fixtures check readiness with it, and a
     hung server shows up as `TimeoutError` (an OSError) after `timeout` seconds.
     """
     if port in FORBIDDEN_PORTS:
         raise ValueError(f"port {port} belongs to the machine's own Redis")
-    encoded = [arg.encode() for arg in args]
-    request = b"*%d\r\n" % len(encoded) + b"".join(
-        b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in encoded
-    )
+    preamble = [("AUTH", password)] if password else []
+    if db:
+        preamble.append(("SELECT", str(db)))
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(request)
+        sock.sendall(b"".join(_encode(*command) for command in preamble) + _encode(*args))
         with sock.makefile("rb") as stream:
+            for _ in preamble:
+                _read_reply(stream)
             return _read_reply(stream)
 
 
@@ -320,10 +328,12 @@ class RedisServer:
     """
 
     def __init__(
-        self, directory: Path, *, port: int | None = None, extra_args: Sequence[str] = ()
+        self, directory: Path, *, port: int | None = None, extra_args: Sequence[str] = (),
+        password: str | None = None,
     ) -> None:
         self.directory = directory
-        self.extra_args = list(extra_args)
+        self.password = password
+        self.extra_args = list(extra_args) + (["--requirepass", password] if password else [])
         self._fixed_port = port is not None
         self.port = port if port is not None else free_port()
         if self.port in FORBIDDEN_PORTS:
@@ -370,7 +380,7 @@ class RedisServer:
 
     def ping(self, timeout: float = 0.5) -> bool:
         try:
-            return redis_command(self.port, "PING", timeout=timeout) == "PONG"
+            return redis_command(self.port, "PING", timeout=timeout, password=self.password) == "PONG"
         except (OSError, RedisReplyError):
             return False
 

@@ -293,3 +293,30 @@ async def test_concurrent_requests_admit_exactly_capacity(make_store: StoreFacto
     assert len(allowed) == 100
     assert sorted(o.remaining for o in allowed) == list(range(100))
     assert all(o.retry_after > 0 for [o] in outcomes if not o.allowed)
+
+
+async def test_password_and_database_from_the_url(tmp_path) -> None:
+    """The decision pipe authenticates and selects the URL's database itself."""
+    server = RedisServer(tmp_path / "auth", password="s3cret")
+    server.start()
+    try:
+        good = RedisStore.from_config(StorageConfig(
+            backend="redis", url=f"redis://:s3cret@127.0.0.1:{server.port}/3", key_prefix=PREFIX, timeout=1.0))
+        try:
+            [outcome] = await good.acquire("a:203.0.113.9", FOUR[:1], 2)
+            assert outcome.remaining == 8
+            keys = redis_command(server.port, "KEYS", "*", password="s3cret", db=3)
+            assert keys == [good.key("a:203.0.113.9", FOUR[0]).encode()]
+            assert redis_command(server.port, "DBSIZE", password="s3cret", db=0) == 0
+        finally:
+            await good.close()
+        bad = RedisStore.from_config(StorageConfig(
+            backend="redis", url=f"redis://:wrong-pw@127.0.0.1:{server.port}/0", key_prefix=PREFIX, timeout=1.0))
+        try:
+            with pytest.raises(StorageUnavailable) as failure:
+                await bad.acquire("a:203.0.113.9", FOUR[:1], 1)
+            assert "AUTH" in str(failure.value) and "wrong-pw" not in str(failure.value)
+        finally:
+            await bad.close()
+    finally:
+        server.close()

@@ -44,7 +44,8 @@ class MemoryStore(Store):
                 self._table(limit)[identity] = state
         return outcomes
 
-    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
+    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int,
+                      timeout: float | None = None) -> list[Outcome]:
         return self.acquire_now(identity, limits, cost)
 
     async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:

@@ -27,10 +27,11 @@ from importlib import resources
 from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from ..config import StorageConfig, mask_url
@@ -42,6 +43,7 @@ from .algorithms import (
     SlidingWindow,
     TokenBucket,
 )
+from .redis_pipe import RedisPipe
 from .store import Clock, Limit, StorageUnavailable, Store, to_micros
 
 # Commands in flight at once; also each pool's size, so the pool never runs out
@@ -64,15 +66,20 @@ class RedisStore(Store):
 
     backend = "redis"
 
-    def __init__(self, client: RedisClient, *, url: str, key_prefix: str, clock: Clock | None = None) -> None:
+    def __init__(self, client: RedisClient, *, url: str, key_prefix: str, clock: Clock | None = None,
+                 timeout: float | None = None) -> None:
         self._client = client
         self._url = url
         self._prefix = key_prefix
         self._clock = clock
         self._script = client.register_script(_script_source())
         self._in_flight = asyncio.Semaphore(MAX_CONNECTIONS)
-        # Cluster pipelines split by node and cannot run scripts reliably: one call each there.
-        self._batcher = None if isinstance(client, RedisCluster) else _Batcher(self)
+        # Decisions go through one pipelined connection (redis_pipe); a Cluster's
+        # keys live on many nodes, so there each decision is its own redis-py call.
+        self._timeout = timeout  # a call's bound when its caller names none
+        self._pipe = None if isinstance(client, RedisCluster) else RedisPipe(
+            url, connect_timeout=timeout or 1.0, describe=mask_url(url))
+        self._limit_args: dict[int, tuple[Sequence[Limit], list[str]]] = {}
 
     @classmethod
     def from_config(cls, storage: StorageConfig, *, clock: Clock | None = None) -> RedisStore:
@@ -93,18 +100,19 @@ class RedisStore(Store):
             client = RedisCluster.from_url(storage.url, **options)
         else:
             client = Redis.from_url(storage.url, **options)
-        return cls(client, url=storage.url, key_prefix=storage.key_prefix, clock=clock)
+        return cls(client, url=storage.url, key_prefix=storage.key_prefix, clock=clock,
+                   timeout=storage.timeout)
 
     def key(self, identity: str, limit: Limit) -> str:
         """The Redis key of `identity`'s state in `limit`."""
-        digest = hashlib.sha256(identity.encode()).hexdigest()[:HASH_CHARS]
-        return f"{self._prefix}{{{digest}}}:{limit.key}"
+        return f"{self._prefix}{{{_digest(identity)}}}:{limit.key}"
 
-    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
-        return await self._decide("acquire", identity, limits, cost)
+    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int,
+                      timeout: float | None = None) -> list[Outcome]:
+        return await self._decide("acquire", identity, limits, cost, timeout)
 
     async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:
-        return await self._decide("peek", identity, limits, 0)
+        return await self._decide("peek", identity, limits, 0, None)
 
     async def reset(self, identity: str, limits: Sequence[Limit]) -> None:
         if limits:
@@ -121,25 +129,59 @@ class RedisStore(Store):
         try:
             async with asyncio.timeout(within):
                 await asyncio.gather(*(self.ping() for _ in range(connections)))
+                if self._pipe is not None:
+                    await self._pipe.connect()
         except TimeoutError as exc:
             raise StorageUnavailable(f"cannot use {mask_url(self._url)} (no answer within {within:g}s)") from exc
 
     async def close(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
         await self._client.aclose()
 
-    async def _decide(self, mode: str, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
+    async def _decide(self, mode: str, identity: str, limits: Sequence[Limit], cost: int,
+                      timeout: float | None) -> list[Outcome]:
         if not limits:
             return []
+        if timeout is None:
+            timeout = self._timeout
         now = "" if self._clock is None else str(to_micros(self._clock()))
-        args = [mode, now, str(cost)]
-        for limit in limits:
-            args.extend(script_args(limit.algorithm))
-        keys = [self.key(identity, limit) for limit in limits]
-        if self._batcher is not None:
-            reply = await self._batcher.run(keys, args)
+        args = [mode, now, str(cost), *self._args_of(limits)]
+        digest = _digest(identity)
+        keys = [f"{self._prefix}{{{digest}}}:{limit.key}" for limit in limits]
+        if self._pipe is None:
+            async with asyncio.timeout(timeout):
+                reply = await self._call(lambda: self._script(keys=keys, args=args))
         else:
-            reply = await self._call(lambda: self._script(keys=keys, args=args))
+            reply = await self._evalsha(keys, args, timeout)
         return parse_reply(reply)
+
+    def _args_of(self, limits: Sequence[Limit]) -> list[str]:
+        """The script's per-limit arguments, built once per tier's limits."""
+        cached = self._limit_args.get(id(limits))
+        if cached is None or cached[0] is not limits:
+            args = [arg for limit in limits for arg in script_args(limit.algorithm)]
+            if len(self._limit_args) > 1024:  # many reloads: start over
+                self._limit_args.clear()
+            cached = self._limit_args[id(limits)] = (limits, args)
+        return cached[1]
+
+    async def _evalsha(self, keys: list[str], args: list[str], timeout: float | None) -> Any:
+        """The script through the pipe; a Redis that forgot it (restarted) is sent it once."""
+        pipe = self._pipe
+        assert pipe is not None
+        script = self._script
+        try:
+            reply = await pipe.call("EVALSHA", script.sha, len(keys), *keys, *args, timeout=timeout)
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                await pipe.call("SCRIPT", "LOAD", script.script, timeout=timeout)
+                reply = await pipe.call("EVALSHA", script.sha, len(keys), *keys, *args, timeout=timeout)
+        except TimeoutError:
+            raise StorageUnavailable(f"cannot use {mask_url(self._url)} (Timeout: no reply within "
+                                     f"{timeout:g}s)") from None
+        if isinstance(reply, hiredis.ReplyError):
+            raise StorageUnavailable(self._describe(reply))
+        return reply
 
     async def _call(self, command: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis command; any failure of Redis becomes StorageUnavailable.
@@ -161,67 +203,10 @@ class RedisStore(Store):
         return f"cannot use {mask_url(self._url)} ({reason})"
 
 
-class _Batcher:
-    """Decisions that arrive in the same turn of the event loop go to Redis as
-    one pipeline: one write and one read for many EVALSHAs.
-
-    Under load this removes most of redis-py's per-command cost (a pool
-    checkout, a send, a read) from the hot path; a lone request still goes
-    out on the next loop turn. Each decision stays its own atomic script.
-    """
-
-    def __init__(self, store: RedisStore) -> None:
-        self._store = store
-        self._pending: list[tuple[list[str], list[str], asyncio.Future[Any]]] = []
-
-    async def run(self, keys: list[str], args: list[str]) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((keys, args, future))
-        if len(self._pending) == 1:
-            loop.call_soon(self._flush)
-        return await future
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        task.add_done_callback(_retrieve)
-
-    async def _send(self, batch: list[tuple[list[str], list[str], asyncio.Future[Any]]]) -> None:
-        store = self._store
-        script = store._script
-        try:
-            for attempt in range(2):
-                async def execute() -> list[Any]:
-                    pipe = store._client.pipeline(transaction=False)
-                    for keys, args, _ in batch:
-                        pipe.evalsha(script.sha, len(keys), *keys, *args)
-                    return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
-
-                results = await store._call(execute)
-                if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                    await store._call(lambda: store._client.script_load(script.script))
-                    continue  # a restarted Redis forgot the script: load it, send again
-                break
-        except BaseException as exc:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(str(exc)))
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, _, future), result in zip(batch, results):
-            if future.done():
-                continue  # its caller gave up (storage.timeout)
-            if isinstance(result, Exception):
-                future.set_exception(StorageUnavailable(store._describe(result)))
-            else:
-                future.set_result(result)
-
-
-def _retrieve(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()  # errors went to the futures; do not log "never retrieved"
+@functools.lru_cache(maxsize=65536)
+def _digest(identity: str) -> str:
+    """The hash tag of a client's keys: recent clients' digests are kept, not recomputed."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:HASH_CHARS]
 
 
 def script_args(algorithm: Algorithm) -> tuple[str, str, str]:

@@ -50,8 +50,14 @@ class Store(ABC):
     backend: ClassVar[str]
 
     @abstractmethod
-    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
-        """Check every limit and charge them all only if all allow."""
+    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int,
+                      timeout: float | None = None) -> list[Outcome]:
+        """Check every limit and charge them all only if all allow.
+
+        Answers or raises (StorageUnavailable, TimeoutError) within `timeout`
+        seconds: the store bounds its own wait, which it can do for a whole
+        pipeline with one timer instead of a timer per decision.
+        """
 
     @abstractmethod
     async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:
