@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import signal
 import sys
 from collections.abc import AsyncIterator
 
 from yarl import URL
 
 START_TIMEOUT = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_parent() -> None:
+    """In the child, before exec: the kernel sends it SIGTERM when Tollgate dies,
+    so a forced exit (second signal, SIGKILL) leaves no mock behind (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class MockStartError(Exception):
@@ -37,7 +47,7 @@ async def mock_upstream(url: str) -> AsyncIterator[asyncio.subprocess.Process]:
                              "(run with --no-mock to use what listens there)")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "upstream_mock", "--host", host, "--port", str(port),
-        stdout=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, preexec_fn=_end_with_parent if sys.platform == "linux" else None,
     )
     try:
         loop = asyncio.get_running_loop()

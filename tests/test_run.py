@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
@@ -29,6 +31,14 @@ def start(run_process, tmp_path: Path, extra: str = ""):
     proc.wait_for_port(ports["port"], timeout=15)
     proc.wait_for_port(ports["admin_port"], timeout=15)
     return proc, ports
+
+
+def pid_alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def rss_peak_kib(pid: int) -> int:
@@ -188,3 +198,9 @@ async def test_a_second_signal_forces_exit(run_process, tmp_path):
         assert proc.wait(timeout=3) == 1
         slow.cancel()
     assert "second SIGTERM: exiting now" in proc.stderr_text()
+    # the mock upstream it started went with it
+    mock_pid = int(re.search(r"Mock upstream .*\(pid (\d+)\)", proc.stdout_text()).group(1))
+    deadline = time.monotonic() + 5
+    while pid_alive(mock_pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not pid_alive(mock_pid)
