@@ -88,12 +88,13 @@ class ClientsConfig:
 
 @dataclass(frozen=True, slots=True)
 class Tier:
-    """A tier's limits; `policy_header` is built once here, not per request."""
+    """A tier's limits; the header texts that never change are built once here, not per request."""
 
     name: str
     limits: tuple[Limit, ...]
     unlimited: bool = False
     policy_header: str = ""
+    capacity_texts: tuple[str, ...] = ()  # X-RateLimit-Limit of each limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,7 +470,8 @@ def _tiers(ck: _Checker, raw: Any, require_key: bool) -> dict[str, Tier]:
             if limit is not None:
                 limits.append(limit)
         header = ", ".join(policy_item(limit) for limit in limits)
-        tiers[name] = Tier(name=name, limits=tuple(limits), unlimited=unlimited, policy_header=header)
+        tiers[name] = Tier(name=name, limits=tuple(limits), unlimited=unlimited, policy_header=header,
+                           capacity_texts=tuple(str(limit.algorithm.capacity) for limit in limits))
     if "anonymous" not in specs and not require_key:
         ck.error("tiers.anonymous", "is required unless clients.require_key is true")
     return tiers

@@ -201,20 +201,16 @@ async def forward(
 async def _relay(request: web.Request, answer: Response, extra_headers: Mapping[str, str] | None,
                  ) -> web.StreamResponse:
     no_body = request.method == "HEAD" or answer.status in NO_BODY_STATUSES
-    whole = answer.complete and answer.length is not None and not no_body
-    # A body that arrived whole with its head (most API answers) goes out with
-    # the head in one write; anything else streams.
-    response = web.Response(status=answer.status, reason=answer.reason or None) if whole else \
-        web.StreamResponse(status=answer.status, reason=answer.reason or None)
-    copy_response_headers(answer, response)
+    headers = response_headers(answer)
     if extra_headers:
-        response.headers.update(extra_headers)
-    if whole:
-        assert isinstance(response, web.Response)
-        response.body = answer.buffered()
-        return response
+        headers.extend(extra_headers.items())
+    if answer.complete and answer.length is not None and not no_body:
+        # The body arrived whole with its head (most API answers): both go out in one write.
+        return web.Response(status=answer.status, reason=answer.reason or None, headers=headers,
+                            body=answer.buffered())
     if answer.length is not None:
-        response.headers["Content-Length"] = answer.length.decode("latin-1")
+        headers.append(("Content-Length", answer.length.decode("latin-1")))
+    response = web.StreamResponse(status=answer.status, reason=answer.reason or None, headers=headers)
     try:
         await response.prepare(request)
         if no_body:
@@ -229,13 +225,12 @@ async def _relay(request: web.Request, answer: Response, extra_headers: Mapping[
     return response
 
 
-def copy_response_headers(source: Response, target: web.StreamResponse) -> None:
+def response_headers(source: Response) -> list[tuple[str, str]]:
     """End-to-end response headers, duplicates (Set-Cookie) and order kept
-    (Content-Length is the caller's: it depends on how the body goes out)."""
+    (Content-Length is the caller's: it depends on how the body goes out).
+
+    A list, which aiohttp turns into its header multidict in one C call.
+    """
     named = _connection_named([value for name, value in source.headers if name.lower() == b"connection"])
-    headers = target.headers
-    for name, value in source.headers:
-        lname = name.lower()
-        if lname in RESPONSE_SKIP or lname in named:
-            continue
-        headers.add(name.decode("latin-1"), value.decode("latin-1"))
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in source.headers
+            if (lname := name.lower()) not in RESPONSE_SKIP and lname not in named]

@@ -16,6 +16,7 @@ from typing import NamedTuple
 from multidict import CIMultiDictProxy
 
 from .config import ApiKey, Config, Network, Tier, hash_key
+from .limits.algorithms import new_tuple
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -122,4 +123,4 @@ def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) ->
     else:
         address = client_address(peer or "", headers.getall("X-Forwarded-For", ()), clients.trusted_proxies)
         ip = address_id(address, clients.ipv6_prefix) if address is not None else (peer or "unknown")
-    return Client(ip, config.tiers["anonymous"], address_identity(ip))
+    return new_tuple(Client, (ip, config.tiers["anonymous"], "a:" + ip))  # address_identity; see Outcome

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .config import Tier
-from .limits.algorithms import Outcome
+from .limits.algorithms import Outcome, new_tuple
 from .limits.memory import MemoryStore
 from .limits.store import Limit, StorageUnavailable, Store
 
@@ -153,10 +153,10 @@ class Limiter:
 
 
 def _decision(outcomes: list[Outcome], *, degraded: bool = False) -> Decision:
-    allowed, delay = True, 0.0
+    delay = 0.0
     for o in outcomes:  # a plain loop: all() and max() over generators cost more per request
         if not o.allowed:
             return Decision(False, outcomes, 0.0, False, degraded)
         if o.delay > delay:
             delay = o.delay
-    return Decision(allowed, outcomes, delay, False, degraded)
+    return new_tuple(Decision, (True, outcomes, delay, False, degraded))  # see Outcome on new_tuple

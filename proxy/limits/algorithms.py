@@ -24,13 +24,16 @@ US: Final = 1_000_000
 EPS: Final = 1e-9
 
 State = Any  # each algorithm's own immutable state; None means "fresh"
+new_tuple: Final = tuple.__new__  # NamedTuple construction without its Python-level __new__
 
 
 class Outcome(NamedTuple):
     """One limit's answer: whether it allows, and what the headers report.
 
     A NamedTuple, not a frozen dataclass: several are made per request, and a
-    tuple is built several times faster.
+    tuple is built several times faster. The hot paths build it with
+    `new_tuple(Outcome, (...))`: a NamedTuple's own __new__ is a Python
+    function that costs twice as much (bench/README.md).
     """
 
     allowed: bool
@@ -127,12 +130,19 @@ class TokenBucket(Algorithm):
         return min(float(self._capacity), tokens + (now - at) * self.refill_rate / US)
 
     def check(self, state: State, now: int, cost: int) -> tuple[Outcome, State]:
-        tokens = self._tokens(state, now)
-        rate = self.refill_rate
+        # _tokens and _floor inlined: this is the hot path of the default algorithm
+        capacity, rate = self._capacity, self.refill_rate
+        if state is None:
+            tokens = float(capacity)
+        else:
+            tokens = state[0] + (now - state[1]) * rate / US
+            if tokens > capacity:
+                tokens = float(capacity)
         if tokens + EPS >= cost:
             left = tokens - cost
-            whole = int(left + EPS)  # _floor, inlined: this is the hot path of the default algorithm
-            return Outcome(True, whole if whole > 0 else 0, (self._capacity - left) / rate), (left, now)
+            whole = int(left + EPS)
+            outcome = new_tuple(Outcome, (True, whole if whole > 0 else 0, (capacity - left) / rate, 0.0, 0.0))
+            return outcome, (left, now)
         return (
             Outcome(False, _floor(tokens), (self._capacity - tokens) / rate, (cost - tokens) / rate),
             state,

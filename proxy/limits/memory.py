@@ -9,6 +9,7 @@ clients active recently, not every client ever seen.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 from .algorithms import Outcome, State, check_all
@@ -21,7 +22,8 @@ class MemoryStore(Store):
     backend = "memory"
 
     def __init__(self, clock: Clock = wall_clock) -> None:
-        self._clock = clock
+        # time.time itself for the real clock: one Python call less per decision
+        self._clock = time.time if clock is wall_clock else clock
         self._tables: dict[str, dict[str, State]] = {}
 
     def _table(self, limit: Limit) -> dict[str, State]:
@@ -32,8 +34,15 @@ class MemoryStore(Store):
 
     def acquire_now(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
         """`acquire` without the coroutine, for callers already on the loop."""
-        now = to_micros(self._clock())
+        now = round(self._clock() * 1_000_000)  # to_micros, inlined
         tables = self._tables
+        if len(limits) == 1:  # the common tier; check_all over one limit is exactly this
+            limit = limits[0]
+            table = tables.get(limit.key)
+            outcome, state = limit.algorithm.check(None if table is None else table.get(identity), now, cost)
+            if outcome.allowed:
+                (table if table is not None else self._table(limit))[identity] = state
+            return [outcome]
         states = []
         for limit in limits:
             table = tables.get(limit.key)
