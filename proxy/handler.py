@@ -56,7 +56,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     limiter = runtime.limiter
     decision = limiter.decide_now(client.identity, client.tier, route.cost)
     if decision is None:
-        decision = await limiter.decide(client.identity, client.tier, route.cost)
+        decision = await limiter.consult_store(client.identity, client.tier, route.cost)
     if decision.unavailable:
         record.decision = "unavailable"
         response = problem(503, "limiter_unavailable", "The rate limiter's storage is unavailable; "

@@ -76,8 +76,8 @@ class Limiter:
 
     def decide_now(self, identity: str, tier: Tier, cost: int) -> Decision | None:
         """The decision, when it needs no I/O (unlimited tier, memory store, a
-        store in back-off); None: `await decide()`. Saves the proxy's hot path
-        a coroutine per request."""
+        store in back-off); None: `await consult_store()`. Saves the proxy's
+        hot path a coroutine per request."""
         if tier.unlimited:
             return UNLIMITED
         if self._memory is not None:  # in-process: cannot fail, needs no timeout
@@ -90,6 +90,10 @@ class Limiter:
         decision = self.decide_now(identity, tier, cost)
         if decision is not None:
             return decision
+        return await self.consult_store(identity, tier, cost)
+
+    async def consult_store(self, identity: str, tier: Tier, cost: int) -> Decision:
+        """The decision from the store, where `decide_now` said one is needed."""
         try:
             outcomes = await self.store.acquire(identity, tier.limits, cost, timeout=self.timeout)
         except (StorageUnavailable, TimeoutError) as exc:

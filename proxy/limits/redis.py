@@ -42,6 +42,7 @@ from .algorithms import (
     Outcome,
     SlidingWindow,
     TokenBucket,
+    new_tuple,
 )
 from .redis_pipe import RedisPipe
 from .store import Clock, Limit, StorageUnavailable, Store, to_micros
@@ -109,7 +110,28 @@ class RedisStore(Store):
 
     async def acquire(self, identity: str, limits: Sequence[Limit], cost: int,
                       timeout: float | None = None) -> list[Outcome]:
-        return await self._decide("acquire", identity, limits, cost, timeout)
+        pipe = self._pipe
+        if pipe is None or not limits or self._clock is not None:
+            return await self._decide("acquire", identity, limits, cost, timeout)
+        # The hot path, flat: one coroutine between the limiter and the pipe.
+        digest = _digest(identity)
+        if len(limits) == 1:
+            keys = [f"{self._prefix}{{{digest}}}:{limits[0].key}"]
+        else:
+            keys = [f"{self._prefix}{{{digest}}}:{limit.key}" for limit in limits]
+        if timeout is None:
+            timeout = self._timeout
+        try:
+            reply = await pipe.call("EVALSHA", self._script.sha, len(keys), *keys, "acquire", "", str(cost),
+                                    *self._args_of(limits), timeout=timeout)
+        except TimeoutError:
+            raise StorageUnavailable(self._timed_out(timeout)) from None
+        if isinstance(reply, hiredis.ReplyError):
+            if not str(reply).startswith("NOSCRIPT"):
+                raise StorageUnavailable(self._describe(reply))
+            # a restarted Redis forgot the script: the slow path loads it and sends again
+            reply = await self._evalsha(keys, ["acquire", "", str(cost), *self._args_of(limits)], timeout)
+        return parse_reply(reply)
 
     async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:
         return await self._decide("peek", identity, limits, 0, None)
@@ -177,11 +199,13 @@ class RedisStore(Store):
                 await pipe.call("SCRIPT", "LOAD", script.script, timeout=timeout)
                 reply = await pipe.call("EVALSHA", script.sha, len(keys), *keys, *args, timeout=timeout)
         except TimeoutError:
-            raise StorageUnavailable(f"cannot use {mask_url(self._url)} (Timeout: no reply within "
-                                     f"{timeout:g}s)") from None
+            raise StorageUnavailable(self._timed_out(timeout)) from None
         if isinstance(reply, hiredis.ReplyError):
             raise StorageUnavailable(self._describe(reply))
         return reply
+
+    def _timed_out(self, timeout: float | None) -> str:
+        return f"cannot use {mask_url(self._url)} (Timeout: no reply within {timeout:g}s)"
 
     async def _call(self, command: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis command; any failure of Redis becomes StorageUnavailable.
@@ -233,13 +257,13 @@ def parse_reply(reply: object) -> list[Outcome]:
     if not isinstance(reply, list) or len(reply) % FIELDS:
         raise StorageUnavailable(f"unexpected reply from acquire.lua: {reply!r:.200}")
     return [
-        Outcome(
-            allowed=reply[i] in (b"1", "1"),  # bytes unless the URL asks decode_responses
-            remaining=int(float(reply[i + 1])),
-            reset=float(reply[i + 2]),
-            retry_after=float(reply[i + 3]),
-            delay=float(reply[i + 4]),
-        )
+        new_tuple(Outcome, (  # allowed, remaining, reset, retry_after, delay; new_tuple: see Outcome
+            reply[i] in (b"1", "1"),  # bytes unless the URL asks decode_responses
+            int(float(reply[i + 1])),
+            float(reply[i + 2]),
+            float(reply[i + 3]),
+            float(reply[i + 4]),
+        ))
         for i in range(0, len(reply), FIELDS)
     ]
 
