@@ -207,3 +207,107 @@ async def test_body_over_max_body_size_is_413(upstream, chunked):
             assert (await resp.json())["error"] == "body_too_large"
         body = await echo(tg, "POST", "/small", data=b"z" * 1000)
         assert body["body_length"] == 1000
+
+
+# --- The upstream client against a raw-socket upstream of the test's own -------
+# HTTP edge cases an aiohttp upstream never produces: exact bytes, exact timing.
+
+
+class RawUpstream:
+    """A TCP server that answers each request head with `script(n)`, the bytes
+    of its n-th answer (None: close the connection without answering; an
+    answer saying `Connection: close` is followed by the close)."""
+
+    def __init__(self, script) -> None:
+        self.script = script
+        self.requests: list[bytes] = []
+        self.connections = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = await reader.readexactly(length)
+                self.requests.append(head + body)
+                answer = self.script(len(self.requests))
+                if answer is None:
+                    break
+                writer.write(answer)
+                await writer.drain()
+                if b"Connection: close" in answer:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw_upstream():
+    servers = []
+
+    async def start(script) -> tuple[RawUpstream, str]:
+        raw = RawUpstream(script)
+        server = await asyncio.start_server(raw.serve, "127.0.0.1", 0)
+        servers.append(server)
+        return raw, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize(("method", "expected"), [("GET", 200), ("POST", 502)])
+async def test_kept_alive_connection_closed_by_the_upstream(raw_upstream, method, expected):
+    """The upstream drops a kept-alive connection just as the next request comes:
+    an idempotent bodiless request is retried once on a new connection; a POST
+    is not (the upstream may have acted on it): 502."""
+    raw, url = await raw_upstream(lambda n: OK if n != 2 else None)
+    async with running(OPEN, url) as tg:
+        assert (await tg.get("/first"))[0] == 200
+        async with tg.session.request(method, tg.url + "/second", data=b"x" if method == "POST" else None) as resp:
+            assert resp.status == expected
+    assert raw.connections == (2 if method == "GET" else 1)
+
+
+async def test_interim_1xx_answers_are_skipped(raw_upstream):
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+    _, url = await raw_upstream(lambda n: early + OK)
+    async with running(OPEN, url) as tg:
+        status, headers, body = await tg.get("/x")
+    assert (status, body) == (200, b"ok")
+    assert "Link" not in headers
+
+
+async def test_body_delimited_by_close_is_relayed_whole(raw_upstream):
+    _, url = await raw_upstream(lambda n: b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b"z" * 300_000)
+    async with running(OPEN, url) as tg:
+        status, _, body = await tg.get("/x")
+    assert status == 200 and body == b"z" * 300_000
+
+
+async def test_garbage_from_the_upstream_is_502(raw_upstream):
+    _, url = await raw_upstream(lambda n: b"SPAM SPAM SPAM\r\n\r\n")
+    async with running(OPEN, url) as tg:
+        status, _, body = await tg.get("/x")
+        assert status == 502 and json.loads(body)["error"] == "bad_gateway"
+        assert tg.runtime.stats.totals["upstream_errors"] == 1
+
+
+async def test_head_answer_with_length_leaves_the_connection_usable(raw_upstream):
+    """A HEAD answer announces a body it does not send; the next exchange on the
+    same connection must not read its answer as that body."""
+    raw, url = await raw_upstream(lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" if n == 1 else OK)
+    async with running(OPEN, url) as tg:
+        async with tg.session.head(tg.url + "/h") as resp:
+            assert resp.status == 200 and resp.headers["Content-Length"] == "1000"
+        assert (await tg.get("/after"))[2] == b"ok"
+    assert raw.connections == 1
