@@ -7,9 +7,13 @@ import base64
 import hashlib
 import json
 import os
+import ssl
+import subprocess
+from unittest.mock import ANY
 
 import aiohttp
 import pytest
+from aiohttp import web
 from harness import running
 from helpers import free_port
 from yarl import URL
@@ -311,3 +315,40 @@ async def test_head_answer_with_length_leaves_the_connection_usable(raw_upstream
             assert resp.status == 200 and resp.headers["Content-Length"] == "1000"
         assert (await tg.get("/after"))[2] == b"ok"
     assert raw.connections == 1
+
+
+@pytest.fixture
+def self_signed(tmp_path):
+    """A certificate for 127.0.0.1 that no CA signed, and its key."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_https_upstream_is_verified(self_signed, monkeypatch):
+    """An https:// upstream's certificate is checked against the system's trust
+    store (SSL_CERT_FILE where set): a certificate nobody vouches for is a 502."""
+    cert, key = self_signed
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    async def secure(request: web.Request) -> web.Response:
+        return web.Response(text="over tls")
+
+    app = web.Application()
+    app.router.add_get("/secure", secure)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    url = f"https://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with running(OPEN, url) as tg:
+            status, _, body = await tg.get("/secure")
+            assert status == 502 and json.loads(body)["error"] == "bad_gateway"
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        async with running(OPEN, url) as tg:
+            assert await tg.get("/secure") == (200, ANY, b"over tls")
+    finally:
+        await runner.cleanup()
