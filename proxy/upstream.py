@@ -156,7 +156,7 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._got_bytes = False
         self._reused = False
-        self._keep_alive_ok = True  # False: the upstream answered before reading all of the body
+        self._body_sent = True  # False while a request body is still going out: not reusable then
         self._timer_at = 0.0
 
     # -- asyncio.Protocol
@@ -270,6 +270,7 @@ class _Connection(asyncio.Protocol):
         self._got_bytes = False
         self._head_only = head_only
         self._response = None
+        self._body_sent = body is None
         future: asyncio.Future[Response] = self.loop.create_future()
         self._head = future
         self.last_io = now = self.loop.time()
@@ -288,9 +289,9 @@ class _Connection(asyncio.Protocol):
             self.abandon()
             raise
         if sender is not None and not sender.done():
-            # The upstream answered before the body was all sent: it need not read the rest.
+            # The upstream answered before the body was all sent: it need not read the
+            # rest, and the connection is not reused (_body_sent stays False).
             sender.cancel()
-            self._keep_alive_ok = False
         return response
 
     async def _send_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
@@ -300,7 +301,9 @@ class _Connection(asyncio.Protocol):
         assert transport is not None
         try:
             async for chunk in body:
-                if not chunk or self.closed:
+                if self.closed:
+                    return
+                if not chunk:
                     continue
                 transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 self.last_io = self.loop.time()
@@ -309,6 +312,7 @@ class _Connection(asyncio.Protocol):
                     await self._drain
             if chunked and not self.closed:
                 transport.write(b"0\r\n\r\n")
+            self._body_sent = True
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -320,9 +324,8 @@ class _Connection(asyncio.Protocol):
     def _complete(self) -> None:
         response, self._response = self._response, None
         self.busy = False
-        reusable = (not self._until_close and not self.closed and self.parser.should_keep_alive()
-                    and getattr(self, "_keep_alive_ok", True))
-        self._keep_alive_ok = True
+        reusable = (not self._until_close and not self.closed and self._body_sent
+                    and self.parser.should_keep_alive())
         if response is not None:
             response._finish()
         if reusable:

@@ -352,3 +352,37 @@ async def test_https_upstream_is_verified(self_signed, monkeypatch):
             assert await tg.get("/secure") == (200, ANY, b"over tls")
     finally:
         await runner.cleanup()
+
+
+async def test_early_answer_to_an_upload_does_not_reuse_its_connection():
+    """The upstream refuses a big upload at its head, without reading the body:
+    the half-sent connection must not carry the next request (its body bytes
+    would be read as that request's head)."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                heads.append(head.split(b"\r\n", 1)[0])
+                if head.startswith(b"POST"):
+                    writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+                    await writer.drain()
+                    while await reader.read(1 << 16):  # never reads a head again on this connection
+                        pass
+                    break
+                writer.write(OK)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        async with running(OPEN, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}") as tg:
+            async with tg.session.post(tg.url + "/upload", data=b"u" * (4 << 20)) as resp:
+                assert resp.status == 401
+            assert (await tg.get("/after"))[:3:2] == (200, b"ok")
+    finally:
+        server.close()
+    assert heads == [b"POST /upload HTTP/1.1", b"GET /after HTTP/1.1"]
