@@ -35,7 +35,6 @@ HOP_BY_HOP: Final = frozenset(
 REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"expect", b"content-length", b"x-forwarded-for",
                                     b"x-forwarded-proto", b"x-forwarded-host"}
 RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
-CHUNK: Final = 64 * 1024
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 
 
@@ -59,7 +58,6 @@ class UpstreamBroken(Exception):
 class Upstream:
     """Where and how to forward; built once per config."""
 
-    base: URL
     base_path: str
     host: str
     port: int
@@ -76,7 +74,7 @@ class Upstream:
         parsed = URL(url)
         assert parsed.host is not None and parsed.port is not None
         return cls(
-            base=parsed.origin(), base_path=parsed.raw_path.rstrip("/"), host=parsed.host, port=parsed.port,
+            base_path=parsed.raw_path.rstrip("/"), host=parsed.host, port=parsed.port,
             host_header=parsed.origin().raw_authority.encode("idna"), tls=parsed.scheme == "https",
             preserve_host=preserve_host, timeout=timeout, connect_timeout=connect_timeout,
             max_body_size=max_body_size,

@@ -123,4 +123,4 @@ def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) ->
     else:
         address = client_address(peer or "", headers.getall("X-Forwarded-For", ()), clients.trusted_proxies)
         ip = address_id(address, clients.ipv6_prefix) if address is not None else (peer or "unknown")
-    return new_tuple(Client, (ip, config.tiers["anonymous"], "a:" + ip))  # address_identity; see Outcome
+    return new_tuple(Client, (ip, config.tiers["anonymous"], address_identity(ip)))  # see Outcome on new_tuple

@@ -7,6 +7,7 @@ the legacy X-RateLimit-* trio, and Retry-After.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from .config import Tier
@@ -15,10 +16,7 @@ from .limits.algorithms import Outcome
 
 def whole_seconds(seconds: float) -> int:
     """Seconds rounded up (a client told 1 s early would be refused again)."""
-    if seconds <= 1e-9:
-        return 0
-    whole = int(seconds - 1e-9)  # math.ceil without the call: this runs on every request
-    return whole + 1 if whole < seconds - 1e-9 else whole
+    return math.ceil(seconds - 1e-9) if seconds > 1e-9 else 0
 
 
 def most_constraining(outcomes: Sequence[Outcome]) -> int:
@@ -33,23 +31,17 @@ def most_constraining(outcomes: Sequence[Outcome]) -> int:
 
 def rate_limit_headers(tier: Tier, outcomes: Sequence[Outcome]) -> dict[str, str]:
     limits = tier.limits
-    if len(outcomes) == 1:  # the common tier: no join, no search for the tightest
-        tight, o = 0, outcomes[0]
-        reset = whole_seconds(o.reset)
-        items = f'"{limits[0].name}";r={o.remaining};t={reset}'
-    else:
-        items = ", ".join([
-            f'"{limit.name}";r={o.remaining};t={whole_seconds(o.reset)}' for limit, o in zip(limits, outcomes)
-        ])
-        tight = most_constraining(outcomes)
-        o = outcomes[tight]
-        reset = whole_seconds(o.reset)
+    items = ", ".join([
+        f'"{limit.name}";r={o.remaining};t={whole_seconds(o.reset)}' for limit, o in zip(limits, outcomes)
+    ])
+    tight = most_constraining(outcomes)
+    o = outcomes[tight]
     return {
         "RateLimit-Policy": tier.policy_header,
         "RateLimit": items,
         "X-RateLimit-Limit": tier.capacity_texts[tight],
         "X-RateLimit-Remaining": str(o.remaining),
-        "X-RateLimit-Reset": str(reset),
+        "X-RateLimit-Reset": str(whole_seconds(o.reset)),
     }
 
 

@@ -405,10 +405,6 @@ class Pool:
         """Connections carrying an exchange now."""
         return len(self._all) - len(self._idle)
 
-    @property
-    def idle(self) -> int:
-        return len(self._idle)
-
     async def request(self, head: bytes, body: AsyncIterator[bytes] | None = None, *, method: str,
                       chunked: bool = False) -> Response:
         """Send a request (its head already serialized) and return the response head.

@@ -28,6 +28,7 @@ import redis.asyncio
 import yarl
 from helpers import (
     FAKE_EPOCH,
+    FORBIDDEN_PORTS,
     LOCALHOST,
     FakeClock,
     ProcessHandle,
@@ -349,7 +350,7 @@ def test_redis_server_stop_hangs_and_cont_resumes(redis_server: RedisServer) -> 
 
 
 def test_redis_server_is_private(redis_server: RedisServer) -> None:
-    assert redis_server.port not in (6379, 16379)
+    assert redis_server.port not in FORBIDDEN_PORTS
     assert redis_server.url == f"redis://{LOCALHOST}:{redis_server.port}/0"
     assert redis_command(redis_server.port, "CONFIG", "GET", "save") == [b"save", b""]
 
@@ -370,7 +371,7 @@ async def test_redis_cluster_spreads_keys(redis_cluster: RedisCluster) -> None:
 
 
 def test_free_port_never_hands_out_the_machine_redis() -> None:
-    assert all(free_port() not in (6379, 16379) for _ in range(20))
+    assert all(free_port() not in FORBIDDEN_PORTS for _ in range(20))
 
 
 def test_fake_clock(fake_clock: FakeClock) -> None:

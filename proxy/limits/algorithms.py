@@ -130,18 +130,11 @@ class TokenBucket(Algorithm):
         return min(float(self._capacity), tokens + (now - at) * self.refill_rate / US)
 
     def check(self, state: State, now: int, cost: int) -> tuple[Outcome, State]:
-        # _tokens and _floor inlined: this is the hot path of the default algorithm
-        capacity, rate = self._capacity, self.refill_rate
-        if state is None:
-            tokens = float(capacity)
-        else:
-            tokens = state[0] + (now - state[1]) * rate / US
-            if tokens > capacity:
-                tokens = float(capacity)
+        tokens = self._tokens(state, now)
+        rate = self.refill_rate
         if tokens + EPS >= cost:
             left = tokens - cost
-            whole = int(left + EPS)
-            outcome = new_tuple(Outcome, (True, whole if whole > 0 else 0, (capacity - left) / rate, 0.0, 0.0))
+            outcome = new_tuple(Outcome, (True, _floor(left), (self._capacity - left) / rate, 0.0, 0.0))
             return outcome, (left, now)
         return (
             Outcome(False, _floor(tokens), (self._capacity - tokens) / rate, (cost - tokens) / rate),

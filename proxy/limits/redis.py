@@ -110,28 +110,7 @@ class RedisStore(Store):
 
     async def acquire(self, identity: str, limits: Sequence[Limit], cost: int,
                       timeout: float | None = None) -> list[Outcome]:
-        pipe = self._pipe
-        if pipe is None or not limits or self._clock is not None:
-            return await self._decide("acquire", identity, limits, cost, timeout)
-        # The hot path, flat: one coroutine between the limiter and the pipe.
-        digest = _digest(identity)
-        if len(limits) == 1:
-            keys = [f"{self._prefix}{{{digest}}}:{limits[0].key}"]
-        else:
-            keys = [f"{self._prefix}{{{digest}}}:{limit.key}" for limit in limits]
-        if timeout is None:
-            timeout = self._timeout
-        try:
-            reply = await pipe.call("EVALSHA", self._script.sha, len(keys), *keys, "acquire", "", str(cost),
-                                    *self._args_of(limits), timeout=timeout)
-        except TimeoutError:
-            raise StorageUnavailable(self._timed_out(timeout)) from None
-        if isinstance(reply, hiredis.ReplyError):
-            if not str(reply).startswith("NOSCRIPT"):
-                raise StorageUnavailable(self._describe(reply))
-            # a restarted Redis forgot the script: the slow path loads it and sends again
-            reply = await self._evalsha(keys, ["acquire", "", str(cost), *self._args_of(limits)], timeout)
-        return parse_reply(reply)
+        return await self._decide("acquire", identity, limits, cost, timeout)
 
     async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:
         return await self._decide("peek", identity, limits, 0, None)
@@ -168,14 +147,25 @@ class RedisStore(Store):
         if timeout is None:
             timeout = self._timeout
         now = "" if self._clock is None else str(to_micros(self._clock()))
+        keys = [self.key(identity, limit) for limit in limits]
         args = [mode, now, str(cost), *self._args_of(limits)]
-        digest = _digest(identity)
-        keys = [f"{self._prefix}{{{digest}}}:{limit.key}" for limit in limits]
         if self._pipe is None:
             async with asyncio.timeout(timeout):
                 reply = await self._call(lambda: self._script(keys=keys, args=args))
-        else:
-            reply = await self._evalsha(keys, args, timeout)
+            return parse_reply(reply)
+        # The hot path: straight to the pipe, no coroutine in between.
+        pipe, script = self._pipe, self._script
+        try:
+            reply = await pipe.call("EVALSHA", script.sha, len(keys), *keys, *args, timeout=timeout)
+            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+                # a restarted Redis forgot the script: load it, send again
+                await pipe.call("SCRIPT", "LOAD", script.script, timeout=timeout)
+                reply = await pipe.call("EVALSHA", script.sha, len(keys), *keys, *args, timeout=timeout)
+        except TimeoutError:
+            raise StorageUnavailable(f"cannot use {mask_url(self._url)} (Timeout: no reply within "
+                                     f"{timeout:g}s)") from None
+        if isinstance(reply, hiredis.ReplyError):
+            raise StorageUnavailable(self._describe(reply))
         return parse_reply(reply)
 
     def _args_of(self, limits: Sequence[Limit]) -> list[str]:
@@ -187,25 +177,6 @@ class RedisStore(Store):
                 self._limit_args.clear()
             cached = self._limit_args[id(limits)] = (limits, args)
         return cached[1]
-
-    async def _evalsha(self, keys: list[str], args: list[str], timeout: float | None) -> Any:
-        """The script through the pipe; a Redis that forgot it (restarted) is sent it once."""
-        pipe = self._pipe
-        assert pipe is not None
-        script = self._script
-        try:
-            reply = await pipe.call("EVALSHA", script.sha, len(keys), *keys, *args, timeout=timeout)
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-                await pipe.call("SCRIPT", "LOAD", script.script, timeout=timeout)
-                reply = await pipe.call("EVALSHA", script.sha, len(keys), *keys, *args, timeout=timeout)
-        except TimeoutError:
-            raise StorageUnavailable(self._timed_out(timeout)) from None
-        if isinstance(reply, hiredis.ReplyError):
-            raise StorageUnavailable(self._describe(reply))
-        return reply
-
-    def _timed_out(self, timeout: float | None) -> str:
-        return f"cannot use {mask_url(self._url)} (Timeout: no reply within {timeout:g}s)"
 
     async def _call(self, command: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis command; any failure of Redis becomes StorageUnavailable.
