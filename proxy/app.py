@@ -7,6 +7,7 @@ closes what was opened before it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -20,6 +21,7 @@ from .limits.memory import MemoryStore
 from .limits.store import Store
 from .reload import Reloader
 from .runtime import RUNTIME, Runtime
+from .server import SERVE
 from .tasks import every
 
 SWEEP_INTERVAL = 10.0  # seconds between drops of state that is fresh again
@@ -40,8 +42,7 @@ def build_proxy_app(runtime: Runtime) -> web.Application:
     # auto_decompress off: a gzip request body is forwarded as sent, not inflated.
     app = web.Application(handler_args={"auto_decompress": False, "max_field_size": 8190, "max_line_size": 8190})
     app[RUNTIME] = runtime
-    # [\s\S]: a path holding an encoded newline (%0A) is forwarded too; "." would 404 it.
-    app.router.add_route("*", r"/{tail:[\s\S]*}", handle)
+    app[SERVE] = functools.partial(handle, runtime)  # every method and path, no router
     app.cleanup_ctx.append(_upstream_pool)
     app.cleanup_ctx.append(_memory_sweeper)
     app.on_cleanup.append(_close_access_log)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from yarl import URL
 
 from .problems import problem
@@ -36,6 +36,10 @@ REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"expect", b"content-length", b"x-f
                                     b"x-forwarded-proto", b"x-forwarded-host"}
 RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
 NO_BODY_STATUSES: Final = frozenset({204, 304})
+
+
+class ExpectationFailed(Exception):
+    """An HTTP/1.1 Expect other than 100-continue (RFC 9110 §10.1.1: 417)."""
 
 
 class BodyTooLarge(Exception):
@@ -98,7 +102,7 @@ def _connection_named(values: list[bytes]) -> set[bytes]:
     return {token.strip().lower() for value in values for token in value.split(b",") if token.strip()}
 
 
-def request_head(request: web.Request, upstream: Upstream, target: bytes) -> tuple[bytes, bool]:
+def request_head(request: web.BaseRequest, upstream: Upstream, target: bytes) -> tuple[bytes, bool]:
     """The request head to send upstream (end-to-end headers plus X-Forwarded-*),
     and whether its body goes chunked."""
     lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode("ascii"), target)]
@@ -138,8 +142,26 @@ def request_head(request: web.Request, upstream: Upstream, target: bytes) -> tup
     return b"".join(lines), chunked
 
 
-async def _client_body(request: web.Request, limit: int | None) -> AsyncIterator[bytes]:
-    """The client's body as a stream, cut off past `limit` bytes."""
+def wants_continue(request: web.BaseRequest) -> bool:
+    """Does the client wait for "100 Continue" before sending its body?"""
+    expect = request.headers.get("Expect")
+    if expect is None or request.version != HttpVersion11:
+        return False
+    if expect.lower() != "100-continue":
+        raise ExpectationFailed(expect)
+    return True
+
+
+async def _client_body(request: web.BaseRequest, limit: int | None, send_continue: bool) -> AsyncIterator[bytes]:
+    """The client's body as a stream, cut off past `limit` bytes.
+
+    "100 Continue" goes out only here, when the upstream connection is open and
+    the body is wanted: a refused or failed request never asks for the body
+    (nginx too sends it only when it starts reading the body).
+    """
+    if send_continue:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim response is not the answer's body
     sent = 0
     content = request.content
     while True:
@@ -167,7 +189,7 @@ def upstream_failure(exc: UpstreamError, upstream: Upstream) -> web.Response:
     return problem(502, "bad_gateway", "The upstream closed the connection without a valid response.")
 
 
-def upstream_target(request: web.Request, upstream: Upstream) -> bytes:
+def upstream_target(request: web.BaseRequest, upstream: Upstream) -> bytes:
     raw = request.raw_path
     if not raw.startswith("/"):  # absolute-form request target (RFC 9112 §3.2.2)
         raw = URL(raw, encoded=True).raw_path_qs
@@ -175,15 +197,16 @@ def upstream_target(request: web.Request, upstream: Upstream) -> bytes:
 
 
 async def forward(
-    request: web.Request, pool: Pool, upstream: Upstream, extra_headers: Mapping[str, str] | None = None,
+    request: web.BaseRequest, pool: Pool, upstream: Upstream, extra_headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """Send `request` upstream and stream the answer back.
 
-    Raises BodyTooLarge or ClientGone before the response started,
+    Raises ExpectationFailed, BodyTooLarge or ClientGone before the response started,
     UpstreamBroken after, and UpstreamError for `upstream_failure` to map.
     """
+    send_continue = wants_continue(request)
     head, chunked = request_head(request, upstream, upstream_target(request, upstream))
-    body = _client_body(request, upstream.max_body_size) if request.body_exists else None
+    body = _client_body(request, upstream.max_body_size, send_continue) if request.body_exists else None
     try:
         answer = await pool.request(head, body, method=request.method, chunked=chunked)
     except UpstreamError:
@@ -196,7 +219,7 @@ async def forward(
         answer.close()
 
 
-async def _relay(request: web.Request, answer: Response, extra_headers: Mapping[str, str] | None,
+async def _relay(request: web.BaseRequest, answer: Response, extra_headers: Mapping[str, str] | None,
                  ) -> web.StreamResponse:
     no_body = request.method == "HEAD" or answer.status in NO_BODY_STATUSES
     headers = response_headers(answer)

@@ -14,13 +14,13 @@ from typing import Final
 from aiohttp import web
 
 from .config import Config, Route, Tier
-from .forward import BodyTooLarge, ClientGone, UpstreamBroken, forward, upstream_failure
+from .forward import BodyTooLarge, ClientGone, ExpectationFailed, UpstreamBroken, forward, upstream_failure
 from .identity import Rejection, resolve
 from .limiter import Decision
 from .problems import problem
 from .ratelimit_headers import rate_limit_headers, refusing_limit, retry_after_header
 from .records import RequestRecord
-from .runtime import RUNTIME, Runtime
+from .runtime import Runtime
 from .upstream import UpstreamError
 
 NO_ROUTE: Final = Route(path="/")
@@ -33,8 +33,7 @@ def match_route(config: Config, method: str, path: str) -> Route:
     return NO_ROUTE
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    runtime = request.app[RUNTIME]
+async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamResponse:
     config = runtime.config  # one snapshot: a reload mid-request does not change this one
     started = time.perf_counter()
     route = match_route(config, request.method, request.path)
@@ -90,12 +89,15 @@ def _refuse(tier: Tier, decision: Decision, headers: dict[str, str], record: Req
 
 
 async def _forward(
-    request: web.Request, runtime: Runtime, record: RequestRecord, started: float,
+    request: web.BaseRequest, runtime: Runtime, record: RequestRecord, started: float,
     headers: dict[str, str] | None,
 ) -> web.StreamResponse:
     upstream_started = time.perf_counter()
     try:
         response = await forward(request, runtime.pool, runtime.upstream, headers)
+    except ExpectationFailed:
+        response = problem(417, "expectation_failed", "Only \"Expect: 100-continue\" is supported.")
+        return _finish(runtime, record, response, started, close=True)
     except BodyTooLarge:
         limit = runtime.upstream.max_body_size
         response = problem(413, "body_too_large", f"The request body exceeds {limit} bytes.")

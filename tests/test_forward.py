@@ -386,3 +386,51 @@ async def test_early_answer_to_an_upload_does_not_reuse_its_connection():
     finally:
         server.close()
     assert heads == [b"POST /upload HTTP/1.1", b"GET /after HTTP/1.1"]
+
+
+# --- Expect: 100-continue: answered by Tollgate, only for a request it will forward ---
+
+ONE_TOKEN = """
+tiers:
+  anonymous:
+    limits: [{algorithm: token_bucket, capacity: 1, refill_rate: 0.001}]
+upstream: {url: "{upstream}", timeout: 2, connect_timeout: 0.5}
+"""
+
+
+async def _expecting(port: int, expect: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bytes]:
+    """Send a head with `Expect` and no body; return what came back before the body was sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: {expect}\r\n\r\n".encode())
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    return reader, writer, first
+
+
+async def test_100_continue_is_sent_when_the_request_is_allowed_then_the_body_goes_through(upstream):
+    async with running(ONE_TOKEN, upstream.url) as tg:
+        reader, writer, first = await _expecting(int(tg.url.rsplit(":", 1)[1]), "100-continue")
+        assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        body = json.loads(await reader.readexactly(length))
+        writer.close()
+    assert body["body_length"] == 5 and body["body"] == "hello"
+    assert "expect" not in {name.lower() for name, _ in body["headers"]}  # answered here, not forwarded
+
+
+async def test_a_refused_request_is_never_told_to_continue(upstream):
+    async with running(ONE_TOKEN, upstream.url) as tg:
+        assert (await tg.get("/spend"))[0] == 200  # the only token
+        _, writer, first = await _expecting(int(tg.url.rsplit(":", 1)[1]), "100-continue")
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 429 ")  # the final answer, without asking for the body
+
+
+async def test_an_unknown_expectation_is_417(upstream):
+    async with running(OPEN, upstream.url) as tg:
+        _, writer, first = await _expecting(int(tg.url.rsplit(":", 1)[1]), "magic")
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 417 ")
