@@ -11,7 +11,7 @@ failures become 502/504 in `upstream_failure`.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -197,7 +197,7 @@ def upstream_target(request: web.BaseRequest, upstream: Upstream) -> bytes:
 
 
 async def forward(
-    request: web.BaseRequest, pool: Pool, upstream: Upstream, extra_headers: Mapping[str, str] | None = None,
+    request: web.BaseRequest, pool: Pool, upstream: Upstream, extra_headers: Sequence[tuple[str, str]] | None = None,
 ) -> web.StreamResponse:
     """Send `request` upstream and stream the answer back.
 
@@ -219,12 +219,12 @@ async def forward(
         answer.close()
 
 
-async def _relay(request: web.BaseRequest, answer: Response, extra_headers: Mapping[str, str] | None,
+async def _relay(request: web.BaseRequest, answer: Response, extra_headers: Sequence[tuple[str, str]] | None,
                  ) -> web.StreamResponse:
     no_body = request.method == "HEAD" or answer.status in NO_BODY_STATUSES
     headers = response_headers(answer)
     if extra_headers:
-        headers.extend(extra_headers.items())
+        headers.extend(extra_headers)
     if answer.complete and answer.length is not None and not no_body:
         # The body arrived whole with its head (most API answers): both go out in one write.
         return web.Response(status=answer.status, reason=answer.reason or None, headers=headers,

@@ -63,7 +63,7 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
         return _finish(runtime, record, response, started)
     headers = rate_limit_headers(client.tier, decision.outcomes) if decision.outcomes else None
     if not decision.allowed:
-        return _finish(runtime, record, _refuse(client.tier, decision, headers or {}, record), started)
+        return _finish(runtime, record, _refuse(client.tier, decision, headers or [], record), started)
     if decision.delay > 0:
         await asyncio.sleep(decision.delay)  # leaky bucket: released in arrival order
         if request.transport is None or request.transport.is_closing():
@@ -73,13 +73,13 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
     return await _forward(request, runtime, record, started, headers)
 
 
-def _refuse(tier: Tier, decision: Decision, headers: dict[str, str], record: RequestRecord) -> web.Response:
+def _refuse(tier: Tier, decision: Decision, headers: list[tuple[str, str]], record: RequestRecord) -> web.Response:
     outcomes = decision.outcomes
     index = refusing_limit(outcomes)
     retry = outcomes[index].retry_after
     record.decision = "blocked"
     record.limit = tier.limits[index].name
-    headers["Retry-After"] = retry_after_header(retry)
+    headers.append(("Retry-After", retry_after_header(retry)))
     violated = [limit.name for limit, o in zip(tier.limits, outcomes) if not o.allowed]
     return problem(
         429, "rate_limited", "Rate limit exceeded", headers=headers,
@@ -90,7 +90,7 @@ def _refuse(tier: Tier, decision: Decision, headers: dict[str, str], record: Req
 
 async def _forward(
     request: web.BaseRequest, runtime: Runtime, record: RequestRecord, started: float,
-    headers: dict[str, str] | None,
+    headers: list[tuple[str, str]] | None,
 ) -> web.StreamResponse:
     upstream_started = time.perf_counter()
     try:

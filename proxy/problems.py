@@ -7,7 +7,7 @@ admin port's errors) is built here, so the wire format lives in one place.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from aiohttp import web
@@ -41,7 +41,8 @@ def problem_body(status: int, error: str, message: str, **extra: Any) -> dict[st
 
 
 def problem(
-    status: int, error: str, message: str, *, headers: Mapping[str, str] | None = None, **extra: Any
+    status: int, error: str, message: str, *, headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+    **extra: Any,
 ) -> web.Response:
     """A problem+json response; `extra` adds members such as `tier` or `limit`."""
     text = json.dumps(problem_body(status, error, message, **extra))

@@ -29,20 +29,26 @@ def most_constraining(outcomes: Sequence[Outcome]) -> int:
     return best
 
 
-def rate_limit_headers(tier: Tier, outcomes: Sequence[Outcome]) -> dict[str, str]:
-    limits = tier.limits
-    items = ", ".join([
-        f'"{limit.name}";r={o.remaining};t={whole_seconds(o.reset)}' for limit, o in zip(limits, outcomes)
-    ])
-    tight = most_constraining(outcomes)
-    o = outcomes[tight]
-    return {
-        "RateLimit-Policy": tier.policy_header,
-        "RateLimit": items,
-        "X-RateLimit-Limit": tier.capacity_texts[tight],
-        "X-RateLimit-Remaining": str(o.remaining),
-        "X-RateLimit-Reset": str(whole_seconds(o.reset)),
-    }
+def rate_limit_headers(tier: Tier, outcomes: Sequence[Outcome]) -> list[tuple[str, str]]:
+    """The five headers of every limited answer, as pairs (what aiohttp takes whole)."""
+    if len(outcomes) == 1:  # the common tier, without the joins and the search
+        tight, o = 0, outcomes[0]
+        remaining, reset = str(o.remaining), str(whole_seconds(o.reset))
+        items = f'"{tier.limits[0].name}";r={remaining};t={reset}'
+    else:
+        items = ", ".join([
+            f'"{limit.name}";r={o.remaining};t={whole_seconds(o.reset)}' for limit, o in zip(tier.limits, outcomes)
+        ])
+        tight = most_constraining(outcomes)
+        o = outcomes[tight]
+        remaining, reset = str(o.remaining), str(whole_seconds(o.reset))
+    return [
+        ("RateLimit-Policy", tier.policy_header),
+        ("RateLimit", items),
+        ("X-RateLimit-Limit", tier.capacity_texts[tight]),
+        ("X-RateLimit-Remaining", remaining),
+        ("X-RateLimit-Reset", reset),
+    ]
 
 
 def refusing_limit(outcomes: Sequence[Outcome]) -> int:

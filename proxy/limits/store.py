@@ -17,13 +17,14 @@ from .algorithms import Algorithm, Outcome
 Clock = Callable[[], float]  # seconds since the Unix epoch, as time.time()
 
 
-def wall_clock() -> float:
-    """The real clock: built only at the composition root; tests inject a fake."""
-    return time.time()
+wall_clock: Clock = time.time  # the real clock (the default); tests inject a fake
+
+
+US = 1_000_000
 
 
 def to_micros(seconds: float) -> int:
-    return round(seconds * 1_000_000)
+    return round(seconds * US)
 
 
 @dataclass(frozen=True, slots=True)
