@@ -1,0 +1,54 @@
+"""Stats' bounded structures, with an injected clock: exact and instant."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import FakeClock
+
+from proxy.records import RequestRecord
+from proxy.stats import BUCKETS, LatencyWindow, Stats, bucket_of, bucket_upper
+
+
+@pytest.mark.parametrize("index", [0, 1, 57, BUCKETS - 2])
+def test_a_latency_on_a_bucket_bound_counts_in_that_bucket(index):
+    upper = bucket_upper(index)
+    assert bucket_of(upper) == index
+    assert bucket_of(upper * 1.0001) == index + 1
+    assert bucket_of(bucket_upper(index - 1) * 1.0001 if index else 0.0) == index
+
+
+def test_latencies_past_the_last_bound_land_in_the_last_bucket():
+    assert bucket_of(1e9) == BUCKETS - 1
+
+
+def test_percentiles_cover_the_last_minute_only():
+    clock = FakeClock(1000.0)
+    window = LatencyWindow(clock)
+    for _ in range(99):
+        window.add(0.001)
+    window.add(0.5)
+    p = window.percentiles(50, 99, 100)
+    assert p["p50"] == pytest.approx(1.0, rel=0.04) and p["p50"] >= 1.0  # ms, never understated
+    assert p["p100"] == pytest.approx(500, rel=0.04)
+    clock.advance(30)
+    window.add(0.002, clock())  # a caller's own clock reading, the hot path's form
+    assert window.percentiles(100)["p100"] == pytest.approx(500, rel=0.04)
+    clock.advance(45)  # the first slot is now over a minute old
+    assert window.percentiles(100)["p100"] == pytest.approx(2.0, rel=0.04)
+    clock.advance(60)
+    assert window.percentiles(50) == {"p50": None}
+
+
+def test_observe_counts_totals_tiers_clients_and_the_timeline():
+    clock = FakeClock(5000.0)
+    stats = Stats(clock=clock, started=clock())
+    for decision in ("allowed", "allowed", "blocked", "exempt"):
+        stats.observe(RequestRecord("GET", "/", "alice", "free" if decision != "exempt" else "-", decision,
+                                    "k:1", status=200, upstream_seconds=0.01))
+    clock.advance(1)
+    stats.observe(RequestRecord("GET", "/", "bob", "free", "blocked", "k:2", status=429))
+    snap = stats.snapshot()
+    assert snap["totals"]["requests"] == 5 and snap["totals"]["blocked"] == 2
+    assert snap["tiers"] == {"free": {"requests": 4, "allowed": 2, "blocked": 2}}
+    assert (stats.clients["alice"].allowed, stats.clients["alice"].blocked) == (2, 1)
+    assert snap["timeline"] == [{"t": 5000, "allowed": 2, "blocked": 1}, {"t": 5001, "allowed": 0, "blocked": 1}]
