@@ -35,7 +35,10 @@ HOP_BY_HOP: Final = frozenset(
 REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"expect", b"content-length", b"x-forwarded-for",
                                     b"x-forwarded-proto", b"x-forwarded-host"}
 RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
+PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})  # Connection values naming no other header
 NO_BODY_STATUSES: Final = frozenset({204, 304})
+FORWARDED_PROTO_HTTP: Final = b"X-Forwarded-Proto: http\r\n"
+FORWARDED_PROTO_HTTPS: Final = b"X-Forwarded-Proto: https\r\n"
 
 
 class ExpectationFailed(Exception):
@@ -66,6 +69,7 @@ class Upstream:
     host: str
     port: int
     host_header: bytes  # Host sent upstream unless preserve_host
+    host_line: bytes  # the same as a header line, built once
     tls: bool
     preserve_host: bool
     timeout: float
@@ -77,9 +81,10 @@ class Upstream:
                  max_body_size: int | None) -> Upstream:
         parsed = URL(url)
         assert parsed.host is not None and parsed.port is not None
+        host_header = parsed.origin().raw_authority.encode("idna")
         return cls(
             base_path=parsed.raw_path.rstrip("/"), host=parsed.host, port=parsed.port,
-            host_header=parsed.origin().raw_authority.encode("idna"), tls=parsed.scheme == "https",
+            host_header=host_header, host_line=b"Host: %s\r\n" % host_header, tls=parsed.scheme == "https",
             preserve_host=preserve_host, timeout=timeout, connect_timeout=connect_timeout,
             max_body_size=max_body_size,
         )
@@ -130,10 +135,10 @@ def request_head(request: web.BaseRequest, upstream: Upstream, target: bytes) ->
         lines = [lines[0]] + [line for line in lines[1:] if line.split(b":", 1)[0].lower() not in named]
     peer = (request.remote or "").encode("ascii")
     lines.append(b"X-Forwarded-For: %s\r\n" % (forwarded_for + b", " + peer if forwarded_for else peer))
-    lines.append(b"X-Forwarded-Proto: %s\r\n" % request.scheme.encode("ascii"))
+    lines.append(FORWARDED_PROTO_HTTPS if request.scheme == "https" else FORWARDED_PROTO_HTTP)
     if host:
         lines.append(b"X-Forwarded-Host: %s\r\n" % host)
-    lines.append(b"Host: %s\r\n" % (host if upstream.preserve_host and host else upstream.host_header))
+    lines.append(b"Host: %s\r\n" % host if upstream.preserve_host and host else upstream.host_line)
     if chunked:
         lines.append(b"Transfer-Encoding: chunked\r\n")
     elif length is not None:
@@ -250,8 +255,19 @@ def response_headers(source: Response) -> list[tuple[str, str]]:
     """End-to-end response headers, duplicates (Set-Cookie) and order kept
     (Content-Length is the caller's: it depends on how the body goes out).
 
-    A list, which aiohttp turns into its header multidict in one C call.
+    A list, which aiohttp turns into its header multidict in one C call. One
+    pass; a second only when Connection names a header of its own, which
+    "keep-alive" and "close", nearly every upstream's, do not.
     """
-    named = _connection_named([value for name, value in source.headers if name.lower() == b"connection"])
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in source.headers
-            if (lname := name.lower()) not in RESPONSE_SKIP and lname not in named]
+    out = []
+    named: set[bytes] = set()
+    for name, value in source.headers:
+        lname = name.lower()
+        if lname in RESPONSE_SKIP:
+            if lname == b"connection" and value.lower() not in PLAIN_CONNECTION:
+                named |= _connection_named([value]) - HOP_BY_HOP
+            continue
+        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    if named:
+        out = [(name, value) for name, value in out if name.lower().encode("latin-1") not in named]
+    return out
