@@ -13,7 +13,7 @@ from typing import Final
 
 from aiohttp import web
 
-from .config import Config, Route, Tier
+from .config import Route, Tier
 from .forward import BodyTooLarge, ClientGone, ExpectationFailed, UpstreamBroken, forward, upstream_failure
 from .identity import Rejection, resolve
 from .limiter import Decision
@@ -26,17 +26,10 @@ from .upstream import UpstreamError
 NO_ROUTE: Final = Route(path="/")
 
 
-def match_route(config: Config, method: str, path: str) -> Route:
-    for route in config.routes:
-        if route.matches(method, path):
-            return route
-    return NO_ROUTE
-
-
 async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamResponse:
     config = runtime.config  # one snapshot: a reload mid-request does not change this one
     started = time.perf_counter()
-    route = match_route(config, request.method, request.path)
+    route = config.route_table.match(request.method, request.path) or NO_ROUTE
     limit = config.server.max_body_size
     if limit is not None and (request.content_length or 0) > limit:
         # Refused before the limiter, as nginx does: a declared oversize body costs no quota.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -103,17 +104,13 @@ async def test_symlink_swap_is_picked_up(upstream, tmp_path):
     os.symlink("..data/c.yaml", tmp_path / "c.yaml")
     link = tmp_path / "c.yaml"
     async with running(BASE, upstream.url, watch_interval=0.1) as tg:
-        tg.runtime.config = type(tg.runtime.config)(**{**_fields(tg.runtime.config), "path": str(link)})
+        tg.runtime.config = dataclasses.replace(tg.runtime.config, path=str(link))
         tg.runtime.reloader.__init__(tg.runtime)  # re-read the file's signature at the new path
         os.symlink("v2", tmp_path / "..data_tmp")
         os.replace(tmp_path / "..data_tmp", tmp_path / "..data")  # the atomic swap kubelet does
         await wait_for_version(tg, 2)
         _, headers, _ = await tg.get("/x", headers=FREE)
     assert '"daily";q=500' in headers["RateLimit-Policy"]
-
-
-def _fields(config) -> dict:
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}
 
 
 async def test_in_flight_request_finishes_under_its_config(upstream, tmp_path):
