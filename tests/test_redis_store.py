@@ -19,10 +19,11 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from importlib import resources
 from typing import Final
 
 import pytest
-from helpers import FakeClock, RedisCluster, RedisServer, redis_command
+from helpers import FakeClock, RedisCluster, RedisReplyError, RedisServer, redis_command
 from redis.crc import key_slot
 
 from proxy.config import StorageConfig
@@ -320,3 +321,16 @@ async def test_password_and_database_from_the_url(tmp_path) -> None:
             await bad.close()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(("argv", "error"), [
+    (["acquire", "", "1", "zz", "1", "1"], "unknown algorithm zz"),
+    (["acquire", "", "1", "tb", "5", "1", "qq", "1", "1"], "unknown algorithm qq"),  # after a known one
+    (["charge", "", "1", "tb", "5", "1"], "unknown mode charge"),
+])
+def test_the_script_names_what_it_cannot_run(redis_server: RedisServer, argv: list[str], error: str) -> None:
+    source = resources.files("proxy.limits").joinpath("lua/acquire.lua").read_text()
+    keys = ["t:{x}:a", "t:{x}:b"][: (len(argv) - 3) // 3]
+    with pytest.raises(RedisReplyError, match=error):
+        redis_command(redis_server.port, "EVAL", source, str(len(keys)), *keys, *argv)
+    assert redis_command(redis_server.port, "EXISTS", *keys) == 0  # nothing written
