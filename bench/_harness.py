@@ -342,10 +342,11 @@ class Servers:
     def tollgate(self, name: str, upstream_port: int, *, storage: str = "{backend: memory}",
                  anonymous: str = "{algorithm: token_bucket, capacity: 1000000000, refill_rate: 1000000000}",
                  extra: str = "", log_to_file: bool = True, script: str = "run.py",
-                 wrapper: Sequence[str] = ()) -> tuple[Server, int]:
+                 wrapper: Sequence[str] = (), root: Path = ROOT) -> tuple[Server, int]:
         """One Tollgate process; returns (server, admin port). Its stderr (the access log) goes
         to a file in the temp dir, or to /dev/null when `log_to_file` is false. `wrapper` is
-        prepended to the command line (valgrind: bench/instructions.py)."""
+        prepended to the command line (valgrind: bench/instructions.py); `root` is the checkout
+        whose run.py runs (bench/run.py --baseline: an older commit's)."""
         port, admin = free_port(), free_port()
         config = self.tmp / f"{name}.yaml"
         config.write_text(
@@ -359,7 +360,7 @@ class Servers:
             f"{extra}"
         )
         server = Server(name, [*wrapper, sys.executable, script, "--config", str(config), "--no-mock"], port,
-                        log_path=self.tmp / f"{name}.log" if log_to_file else None, cwd=ROOT)
+                        log_path=self.tmp / f"{name}.log" if log_to_file else None, cwd=root)
         self.start(server)
         return server, admin
 

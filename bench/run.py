@@ -53,6 +53,12 @@ RATIOS = (
     ("tollgate-redis", "tollgate-memory"),
     ("tollgate-off", "aiohttp-bare"),
     ("tollgate-memory", "tollgate-nostats"),
+    ("tollgate-off", "baseline-off"),
+    ("tollgate-memory", "baseline-memory"),
+    ("tollgate-redis", "baseline-redis"),
+    ("baseline-memory", "nginx"),
+    ("baseline-memory", "baseline-off"),
+    ("baseline-redis", "baseline-memory"),
 )
 METRICS = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req")
 
@@ -73,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="storage.timeout of tollgate-redis, seconds (default 0.05, the shipped default)")
     parser.add_argument("--profile", action="store_true",
                         help="afterwards, py-spy record tollgate-memory under wrk and print the hottest functions")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run an older commit's Tollgate (git archive REV into the temp dir) as "
+                        "baseline-off/-memory/-redis next to each tollgate- target: before vs after in one run")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     args = parser.parse_args(argv)
     if args.quick:
@@ -122,11 +131,15 @@ def start_all(servers: Servers, args: argparse.Namespace) -> dict[str, Target]:
     if "tollgate-redis" in wanted:
         with step("private redis-server"):
             redis = servers.redis()
+    baseline = checkout(args.baseline, servers.tmp) if args.baseline else None
     with step("Tollgate processes"):
         pending = []
-        for mode in ("off", "memory", "nostats", "redis"):
-            name = f"tollgate-{mode}"
-            if name not in wanted:
+        modes = [("tollgate", mode, ROOT) for mode in ("off", "memory", "nostats", "redis")]
+        if baseline is not None:
+            modes += [("baseline", mode, baseline) for mode in ("off", "memory", "redis")]
+        for prefix, mode, root in modes:
+            name = f"{prefix}-{mode}"
+            if f"tollgate-{mode}" not in wanted:
                 continue
             storage = "{backend: memory}"
             if mode == "redis":
@@ -135,7 +148,7 @@ def start_all(servers: Servers, args: argparse.Namespace) -> dict[str, Target]:
                            f"timeout: {args.redis_timeout:g}}}")
             script = "bench/no_stats.py" if mode == "nostats" else "run.py"
             server, admin = servers.tollgate(name, upstream.port, storage=storage, log_to_file=log_to_file,
-                                             script=script)
+                                             script=script, root=root)
             path = "/exempt/bench" if mode == "off" else "/bench"
             others = {"upstream": upstream, **({"redis": redis} if redis and mode == "redis" else {})}
             targets[name] = Target(name, f"http://127.0.0.1:{server.port}{path}", server, others=others,
@@ -147,7 +160,21 @@ def start_all(servers: Servers, args: argparse.Namespace) -> dict[str, Target]:
     print(f"  Tollgate's stderr (access log, one line per request) -> {where}", flush=True)
     for target in targets.values():
         sanity_check(target)
-    return {name: targets[name] for name in ALL_TARGETS if name in targets}
+    order = [*ALL_TARGETS, *(f"baseline-{mode}" for mode in ("off", "memory", "redis"))]
+    return {name: targets[name] for name in order if name in targets}
+
+
+def checkout(rev: str, tmp: Path) -> Path:
+    """The tree of commit `rev` in the temp dir (git archive: no .git, nothing of the work tree)."""
+    where = tmp / "baseline"
+    where.mkdir()
+    with step(f"baseline: git archive {rev}"):
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev],
+                                 capture_output=True, timeout=60)
+        if archive.returncode:
+            raise BenchError(f"git archive {rev}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True, timeout=60)
+    return where
 
 
 def sanity_check(target: Target) -> None:
@@ -157,11 +184,11 @@ def sanity_check(target: Target) -> None:
         policy = response.headers.get("RateLimit-Policy")
     if response.status != 200:
         raise BenchError(f"{target.name}: {target.url} answered {response.status} {body[:80]!r}")
-    limited = target.name in ("tollgate-memory", "tollgate-nostats", "tollgate-redis")
+    limited = target.name.endswith(("-memory", "-nostats", "-redis"))
     if limited and not policy:
         raise BenchError(f"{target.name}: no RateLimit-Policy header: the limiter did not run")
-    if target.name == "tollgate-off" and policy:
-        raise BenchError("tollgate-off: RateLimit-Policy present on the exempt route")
+    if target.name.endswith("-off") and policy:
+        raise BenchError(f"{target.name}: RateLimit-Policy present on the exempt route")
 
 
 def storage_errors(target: Target) -> float | None:
@@ -267,10 +294,11 @@ def print_report(summary: dict[str, Any], ratio_table: dict[str, dict[str, float
     if noisy:
         print("WARNING: other processes used CPU during the runs (median % of one core): "
               + ", ".join(f"{n} {p:.0f}%" for n, p in noisy.items()) + "; numbers are noisier than usual")
-    redis_errors = summary.get("tollgate-redis", {}).get("storage_errors")
-    if redis_errors:
-        print(f"WARNING: tollgate-redis had storage errors (median {redis_errors:g} per run): "
-              "those requests were decided by storage.on_error, not by Redis")
+    for name in ("tollgate-redis", "baseline-redis"):
+        redis_errors = summary.get(name, {}).get("storage_errors")
+        if redis_errors:
+            print(f"WARNING: {name} had storage errors (median {redis_errors:g} per run): "
+                  "those requests were decided by storage.on_error, not by Redis")
 
 
 # ------------------------------------------------------------------ profile
@@ -339,6 +367,8 @@ def print_profile(prof: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     n_targets = len(args.targets)
+    if args.baseline:
+        n_targets += sum(t in args.targets for t in ("tollgate-off", "tollgate-memory", "tollgate-redis"))
     warmup = 1
     budget = 90 + n_targets * (warmup + 8) + args.rounds * n_targets * (args.duration + 10)
     if args.profile:
@@ -375,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                 with step("py-spy profile of tollgate-memory under wrk"):
                     prof = profile(targets["tollgate-memory"], args, servers.tmp)
             log_sizes = {name: (servers.tmp / f"{name}.log").stat().st_size
-                         for name in targets if name.startswith("tollgate")
+                         for name in targets if name.startswith(("tollgate", "baseline"))
                          and (servers.tmp / f"{name}.log").exists()}
             out.update(summary=summary, ratio_table=ratio_table, prof=prof, log_sizes=log_sizes, targets=targets)
         return 0
