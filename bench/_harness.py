@@ -365,6 +365,19 @@ class Servers:
         return server, admin
 
 
+def checkout(rev: str, tmp: Path) -> Path:
+    """The tree of commit `rev` in the temp dir (git archive: no .git, nothing of the work tree)."""
+    where = tmp / "baseline"
+    where.mkdir()
+    with step(f"baseline: git archive {rev}"):
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev],
+                                 capture_output=True, timeout=60)
+        if archive.returncode:
+            raise BenchError(f"git archive {rev}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True, timeout=60)
+    return where
+
+
 _NGINX_MAIN = """\
 worker_processes 1;
 daemon off;

@@ -29,11 +29,14 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
-from _harness import ROOT, BenchError, Servers, guarded, step, wait_http, write_result
+from _harness import ROOT, BenchError, Servers, checkout, guarded, step, wait_http, write_result
 
 MODES = ("off", "memory", "redis")
 RATIOS = (("memory", "off", "limiter on vs off"), ("off", "memory", "the same, read as a throughput ratio"),
-          ("redis", "memory", "the Redis round trip"))
+          ("redis", "memory", "the Redis round trip"),
+          ("off", "baseline-off", "--baseline: this code vs that commit's"),
+          ("memory", "baseline-memory", "--baseline: this code vs that commit's"),
+          ("redis", "baseline-redis", "--baseline: this code vs that commit's"))
 WARMUP = 500  # requests per path before the first phase: code paths, caches and connections settled
 VALGRIND = shutil.which("valgrind")
 CALLGRIND_CONTROL = shutil.which("callgrind_control")
@@ -46,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="300 requests, one phase per mode")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     parser.add_argument("--deadline", type=float, default=600, help="seconds for the whole bench (default 600)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also count an older commit's Tollgate (git archive REV) in the same modes")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "instructions.json")
     args = parser.parse_args(argv)
     args.phases = 1 if args.quick else 2
@@ -99,12 +104,12 @@ async def phases(pid: int, out: Path, urls: dict[str, str], order: list[str],
     connector = aiohttp.TCPConnector(limit=args.concurrency, keepalive_timeout=3600)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         for mode in figures:
-            await load(session, urls[mode], WARMUP, args.concurrency, mode != "off")
+            await load(session, urls[mode], WARMUP, args.concurrency, not mode.endswith("off"))
         for mode in order:
             started, before = time.monotonic(), len(dumps(out))
             callgrind(pid, "-i", "on")
             callgrind(pid, "-z")
-            await load(session, urls[mode], args.requests, args.concurrency, mode != "off")
+            await load(session, urls[mode], args.requests, args.concurrency, not mode.endswith("off"))
             callgrind(pid, "-d")
             callgrind(pid, "-i", "off")
             written = dumps(out)
@@ -128,16 +133,17 @@ def storage_errors(admin: int) -> float:
 
 
 def run_tollgate(servers: Servers, upstream_port: int, name: str, order: list[str], args: argparse.Namespace,
-                 storage: str = "{backend: memory}") -> tuple[dict[str, list[float]], str]:
-    """One Tollgate under callgrind through its phases, then stopped; returns (figures, its command)."""
+                 storage: str = "{backend: memory}", root: Path = ROOT) -> tuple[dict[str, list[float]], str]:
+    """One Tollgate (of the checkout `root`) under callgrind through its phases, then stopped;
+    returns (figures, its command)."""
     out = servers.tmp / name / "cg.out"
     out.parent.mkdir()
     wrapper = [VALGRIND, "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", f"--callgrind-out-file={out}"]
     with step(f"{name} under callgrind (slow to start)"):
-        server, admin = servers.tollgate(name, upstream_port, storage=storage, wrapper=wrapper)
+        server, admin = servers.tollgate(name, upstream_port, storage=storage, wrapper=wrapper, root=root)
         wait_http(server, f"http://127.0.0.1:{admin}/healthz", time.monotonic() + 180)
     print(f"  warm-up: {WARMUP} requests per path; phases: {' '.join(order)}", flush=True)
-    urls = {mode: f"http://127.0.0.1:{server.port}{'/exempt/bench' if mode == 'off' else '/bench'}"
+    urls = {mode: f"http://127.0.0.1:{server.port}{'/exempt/bench' if mode.endswith('off') else '/bench'}"
             for mode in order}
     figures = asyncio.run(phases(server.pid, out, urls, order, args))
     server.check_alive()
@@ -161,16 +167,23 @@ def main(argv: list[str] | None = None) -> int:
         with Servers(args.deadline) as servers:
             with step("static upstream"):
                 upstream, _ = servers.static_upstream()
-            local = [m for m in ("off", "memory") if m in args.modes] * args.phases
-            if local:
-                runs.append(run_tollgate(servers, upstream.port, "tollgate-memory", local, args))
-            if "redis" in args.modes:
-                with step("private redis-server"):
-                    redis = servers.redis()
-                # A timeout of 1 s, not 0.05: under valgrind a round trip can outlast 50 ms; same code path.
-                storage = f'{{backend: redis, url: "redis://127.0.0.1:{redis.port}/0", timeout: 1}}'
-                runs.append(run_tollgate(servers, upstream.port, "tollgate-redis", ["redis"] * args.phases,
-                                         args, storage))
+            checkouts = [("", ROOT)]
+            if args.baseline:
+                checkouts.append(("baseline-", checkout(args.baseline, servers.tmp)))
+            redis = None
+            for prefix, root in checkouts:
+                local = [prefix + m for m in ("off", "memory") if m in args.modes] * args.phases
+                if local:
+                    runs.append(run_tollgate(servers, upstream.port, f"{prefix or 'tollgate-'}memory", local, args,
+                                             root=root))
+                if "redis" in args.modes:
+                    if redis is None:
+                        with step("private redis-server"):
+                            redis = servers.redis()
+                    # A timeout of 1 s, not 0.05: under valgrind a round trip can outlast 50 ms; same code path.
+                    storage = f'{{backend: redis, url: "redis://127.0.0.1:{redis.port}/0", timeout: 1}}'
+                    runs.append(run_tollgate(servers, upstream.port, f"{prefix or 'tollgate-'}redis",
+                                             [prefix + "redis"] * args.phases, args, storage, root=root))
         return 0
 
     code = guarded(body)
@@ -178,24 +191,27 @@ def main(argv: list[str] | None = None) -> int:
         return code
     figures = {mode: values for found, _ in runs for mode, values in found.items()}
     commands = [argv for _, argv in runs]
-    means = {mode: statistics.mean(figures[mode]) for mode in args.modes}
+    modes = [*args.modes, *(f"baseline-{m}" for m in args.modes if args.baseline)]
+    means = {mode: statistics.mean(figures[mode]) for mode in modes}
     ratios = {f"{a}/{b}": round(means[a] / means[b], 3) for a, b, _ in RATIOS if a in means and b in means}
     print(f"\nInstructions per request (callgrind Ir, user space, whole Tollgate process); "
           f"{args.requests} requests per phase, concurrency {args.concurrency}")
-    print(f"{'mode':<8} " + " ".join(f"{'phase ' + str(i + 1):>10}" for i in range(args.phases)) + f" {'mean':>10}")
-    for mode in args.modes:
-        print(f"{mode:<8} " + " ".join(f"{v:>10,.0f}" for v in figures[mode]) + f" {means[mode]:>10,.0f}")
+    print(f"{'mode':<16} " + " ".join(f"{'phase ' + str(i + 1):>10}" for i in range(args.phases)) + f" {'mean':>10}")
+    for mode in modes:
+        print(f"{mode:<16} " + " ".join(f"{v:>10,.0f}" for v in figures[mode]) + f" {means[mode]:>10,.0f}")
     for a, b, meaning in RATIOS:
         if f"{a}/{b}" in ratios:
-            print(f"  {a + '/' + b:<13} {ratios[f'{a}/{b}']:.3f}  ({meaning})")
-    print("Tollgate ran as (cwd: the repository):\n  " + "\n  ".join(commands))
+            print(f"  {a + '/' + b:<23} {ratios[f'{a}/{b}']:.3f}  ({meaning})")
+    print("Tollgate ran as (cwd: the repository" + (f"; baseline-*: {args.baseline} in the temp dir" if args.baseline
+                                                     else "") + "):\n  " + "\n  ".join(commands))
     result = {
         "meta": {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": command,
-                 "tollgate_commands": commands, "requests": args.requests, "concurrency": args.concurrency,
+                 "tollgate_commands": commands, "baseline": args.baseline, "requests": args.requests,
+                 "concurrency": args.concurrency,
                  "phases": args.phases, "warmup": WARMUP, "python": platform.python_version(),
                  "valgrind": subprocess.run([VALGRIND, "--version"], capture_output=True, text=True).stdout.strip(),
                  "machine": platform.machine(), "wall_seconds": round(time.monotonic() - started, 1)},
-        "instructions_per_request": {mode: [round(v) for v in figures[mode]] for mode in args.modes},
+        "instructions_per_request": {mode: [round(v) for v in figures[mode]] for mode in modes},
         "mean": {mode: round(v) for mode, v in means.items()},
         "ratios": ratios,
     }

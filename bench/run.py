@@ -33,6 +33,7 @@ from _harness import (
     BenchError,
     Server,
     Servers,
+    checkout,
     guarded,
     machine_busy_seconds,
     run_wrk,
@@ -162,19 +163,6 @@ def start_all(servers: Servers, args: argparse.Namespace) -> dict[str, Target]:
         sanity_check(target)
     order = [*ALL_TARGETS, *(f"baseline-{mode}" for mode in ("off", "memory", "redis"))]
     return {name: targets[name] for name in order if name in targets}
-
-
-def checkout(rev: str, tmp: Path) -> Path:
-    """The tree of commit `rev` in the temp dir (git archive: no .git, nothing of the work tree)."""
-    where = tmp / "baseline"
-    where.mkdir()
-    with step(f"baseline: git archive {rev}"):
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev],
-                                 capture_output=True, timeout=60)
-        if archive.returncode:
-            raise BenchError(f"git archive {rev}: {archive.stderr.decode().strip()}")
-        subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True, timeout=60)
-    return where
 
 
 def sanity_check(target: Target) -> None:
