@@ -323,6 +323,34 @@ async def test_password_and_database_from_the_url(tmp_path) -> None:
         server.close()
 
 
+async def test_requests_during_the_handshake_wait_for_auth(tmp_path) -> None:
+    """Requests that arrive while the pipe is connected but still authenticating
+    must not overtake its AUTH and SELECT: each would get NOAUTH or land in db 0."""
+    server = RedisServer(tmp_path / "burst", password="s3cret")
+    server.start()
+    store = RedisStore.from_config(StorageConfig(
+        backend="redis", url=f"redis://:s3cret@127.0.0.1:{server.port}/2", key_prefix=PREFIX, timeout=2.0))
+    pipe = store._pipe
+    assert pipe is not None
+    # As after a reconnect: the script is cached, so nothing retries a command that went out too early.
+    source = resources.files("proxy.limits").joinpath("lua/acquire.lua").read_text()
+    redis_command(server.port, "SCRIPT", "LOAD", source, password="s3cret")
+    try:
+        first = asyncio.ensure_future(store.acquire("a:198.51.100.0", FOUR[:1], 1))
+        for _ in range(10_000):  # loop turns, not time: until the TCP connection is up
+            if pipe._transport is not None:
+                break
+            await asyncio.sleep(0)
+        assert pipe._transport is not None and not first.done()  # connected, AUTH not yet answered
+        burst = await asyncio.gather(*(store.acquire(f"a:198.51.100.{i}", FOUR[:1], 1) for i in range(1, 40)))
+        assert all(o.allowed and o.remaining == 9 for [o] in [await first, *burst])
+        assert redis_command(server.port, "DBSIZE", password="s3cret", db=2) == 40
+        assert redis_command(server.port, "DBSIZE", password="s3cret", db=0) == 0
+    finally:
+        await store.close()
+        server.close()
+
+
 @pytest.mark.parametrize(("argv", "error"), [
     (["acquire", "", "1", "zz", "1", "1"], "unknown algorithm zz"),
     (["acquire", "", "1", "tb", "5", "1", "qq", "1", "1"], "unknown algorithm qq"),  # after a known one

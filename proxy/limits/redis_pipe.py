@@ -56,6 +56,7 @@ class RedisPipe(asyncio.Protocol):
         self._describe = describe
         self._loop: asyncio.AbstractEventLoop | None = None
         self._transport: asyncio.Transport | None = None
+        self._ready = False  # connected and through the handshake
         self._connecting: asyncio.Future[None] | None = None
         self._reader = hiredis.Reader()
         self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
@@ -67,8 +68,11 @@ class RedisPipe(asyncio.Protocol):
         Raises StorageUnavailable when Redis cannot be reached or the
         connection drops, TimeoutError when no reply came within `timeout`.
         """
-        if self._transport is None:
+        if not self._ready:  # not connected, or still authenticating: nothing may overtake AUTH/SELECT
             await self.connect()
+        return await self._send(args, timeout)
+
+    def _send(self, args: tuple[Any, ...], timeout: float | None) -> asyncio.Future[Any]:
         loop, transport = self._loop, self._transport
         assert loop is not None
         if transport is None or transport.is_closing():  # lost between connecting and now
@@ -79,7 +83,7 @@ class RedisPipe(asyncio.Protocol):
         self._waiting.append((future, deadline))
         if deadline != NO_DEADLINE and self._timer is None:
             self._timer = loop.call_at(deadline, self._expire)
-        return await future
+        return future
 
     async def connect(self) -> None:
         """Connect (once, however many callers wait) and authenticate."""
@@ -100,7 +104,7 @@ class RedisPipe(asyncio.Protocol):
                 else:
                     await self._loop.create_connection(lambda: self, self._host, self._port, ssl=self._ssl)
             for command in self._handshake:
-                reply = await self.call(*command, timeout=self._connect_timeout)
+                reply = await self._send(command, self._connect_timeout)
                 if isinstance(reply, hiredis.ReplyError):
                     raise StorageUnavailable(f"{self._describe} refused {command[0]}: {reply}")
         except (OSError, TimeoutError, StorageUnavailable) as exc:
@@ -110,6 +114,7 @@ class RedisPipe(asyncio.Protocol):
             done.set_exception(exc if isinstance(exc, StorageUnavailable) else StorageUnavailable(
                 f"cannot use {self._describe} ({_reason(exc)})"))
             return
+        self._ready = True
         done.set_result(None)
 
     def _expire(self) -> None:
@@ -146,6 +151,7 @@ class RedisPipe(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._ready = False
         self._connecting = None
         error = StorageUnavailable(f"cannot use {self._describe} (connection lost)")
         waiting, self._waiting = self._waiting, collections.deque()
