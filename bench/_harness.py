@@ -11,7 +11,6 @@ PR_SET_PDEATHSIG, so the kernel ends it when the bench's thread dies.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -29,12 +28,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: cwd of `python run.py`
+sys.path.insert(0, str(ROOT))  # for `proxy`, when the bench runs from a checkout
+from proxy.mockproc import end_with_parent  # noqa: E402
+
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 WRK = shutil.which("wrk")
 REDIS = shutil.which("redis-server")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-_PR_SET_PDEATHSIG = 1
 
 
 class BenchError(Exception):
@@ -42,9 +43,7 @@ class BenchError(Exception):
 
 
 def _die_with_parent() -> None:
-    # Runs in the child between fork and exec.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    end_with_parent(signal.SIGKILL)  # in the child between fork and exec
 
 
 def free_port() -> int:

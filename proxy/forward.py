@@ -102,9 +102,9 @@ class Upstream:
             other.host, other.port, other.tls, other.timeout, other.connect_timeout)
 
 
-def _connection_named(values: list[bytes]) -> set[bytes]:
-    """Header names listed in Connection: hop-by-hop for this hop only."""
-    return {token.strip().lower() for value in values for token in value.split(b",") if token.strip()}
+def _connection_named(value: bytes) -> set[bytes]:
+    """Header names listed in a Connection value: hop-by-hop for this hop only."""
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 
 def request_head(request: web.BaseRequest, upstream: Upstream, target: bytes) -> tuple[bytes, bool]:
@@ -124,7 +124,7 @@ def request_head(request: web.BaseRequest, upstream: Upstream, target: bytes) ->
             elif lname == b"x-forwarded-for":
                 forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
             elif lname == b"connection":
-                named = _connection_named([value]) | (named or set())
+                named = _connection_named(value) | (named or set())
             elif lname == b"content-length":
                 length = value
             elif lname == b"transfer-encoding":
@@ -265,7 +265,7 @@ def response_headers(source: Response) -> list[tuple[str, str]]:
         lname = name.lower()
         if lname in RESPONSE_SKIP:
             if lname == b"connection" and value.lower() not in PLAIN_CONNECTION:
-                named |= _connection_named([value]) - HOP_BY_HOP
+                named |= _connection_named(value) - HOP_BY_HOP
             continue
         out.append((name.decode("latin-1"), value.decode("latin-1")))
     if named:

@@ -157,9 +157,6 @@ class Limiter:
 
 
 def _decision(outcomes: list[Outcome], *, degraded: bool = False) -> Decision:
-    if len(outcomes) == 1:  # the common tier: one limit
-        o = outcomes[0]
-        return new_tuple(Decision, (o.allowed, outcomes, o.delay if o.allowed else 0.0, False, degraded))
     delay = 0.0
     for o in outcomes:  # a plain loop: all() and max() over generators cost more per request
         if not o.allowed:

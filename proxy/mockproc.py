@@ -15,11 +15,12 @@ START_TIMEOUT = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
-def _end_with_parent() -> None:
-    """In the child, before exec: the kernel sends it SIGTERM when Tollgate dies,
-    so a forced exit (second signal, SIGKILL) leaves no mock behind (Linux)."""
+def end_with_parent(signum: int = signal.SIGTERM) -> None:
+    """In a child, before exec (`preexec_fn`): the kernel sends it `signum` when
+    its parent dies, so a forced exit (second signal, SIGKILL) leaves no child
+    behind (Linux; elsewhere a no-op)."""
     with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
 
 
 class MockStartError(Exception):
@@ -47,7 +48,7 @@ async def mock_upstream(url: str) -> AsyncIterator[asyncio.subprocess.Process]:
                              "(run with --no-mock to use what listens there)")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "upstream_mock", "--host", host, "--port", str(port),
-        stdout=asyncio.subprocess.DEVNULL, preexec_fn=_end_with_parent if sys.platform == "linux" else None,
+        stdout=asyncio.subprocess.DEVNULL, preexec_fn=end_with_parent if sys.platform == "linux" else None,
     )
     try:
         loop = asyncio.get_running_loop()

@@ -62,7 +62,7 @@ class LatencyWindow:
                 self._slots[i] = [0] * BUCKETS
                 self._slot_ids[i] = slot_id
             self._current_id, self._current = slot_id, self._slots[i]
-        self._current[bisect.bisect_left(_UPPERS, seconds)] += 1  # bucket_of, inlined
+        self._current[bucket_of(seconds)] += 1
 
     def percentiles(self, *qs: float) -> dict[str, float | None]:
         current = int(self._clock()) // LATENCY_SLOT_SECONDS

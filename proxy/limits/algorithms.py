@@ -130,17 +130,11 @@ class TokenBucket(Algorithm):
         return min(float(self._capacity), tokens + (now - at) * self.refill_rate / US)
 
     def check(self, state: State, now: int, cost: int) -> tuple[Outcome, State]:
-        # _tokens and _floor inlined on the allow path: the most frequent call of the limiter.
-        rate, capacity = self.refill_rate, self._capacity
-        tokens = float(capacity)
-        if state is not None:
-            refilled = state[0] + (now - state[1]) * rate / US
-            if refilled < tokens:
-                tokens = refilled
+        tokens = self._tokens(state, now)
+        rate = self.refill_rate
         if tokens + EPS >= cost:
             left = tokens - cost
-            remaining = math.floor(left + EPS)
-            outcome = new_tuple(Outcome, (True, remaining if remaining > 0 else 0, (capacity - left) / rate, 0.0, 0.0))
+            outcome = new_tuple(Outcome, (True, _floor(left), (self._capacity - left) / rate, 0.0, 0.0))
             return outcome, (left, now)
         return (
             Outcome(False, _floor(tokens), (self._capacity - tokens) / rate, (cost - tokens) / rate),

@@ -12,15 +12,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .algorithms import Algorithm, Outcome
+from .algorithms import US, Algorithm, Outcome
 
 Clock = Callable[[], float]  # seconds since the Unix epoch, as time.time()
 
 
 wall_clock: Clock = time.time  # the real clock (the default); tests inject a fake
-
-
-US = 1_000_000
 
 
 def to_micros(seconds: float) -> int:
