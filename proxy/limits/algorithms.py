@@ -123,30 +123,29 @@ class TokenBucket(Algorithm):
     def window(self) -> int:
         return max(1, math.ceil(self._capacity / self.refill_rate - EPS))
 
-    def _tokens(self, state: State, now: int) -> float:
-        if state is None:
-            return float(self._capacity)
-        tokens, at = state
-        return min(float(self._capacity), tokens + (now - at) * self.refill_rate / US)
-
     def check(self, state: State, now: int, cost: int) -> tuple[Outcome, State]:
-        tokens = self._tokens(state, now)
-        rate = self.refill_rate
+        """The refill rule lives here only (peek and ttl are a check of cost 0),
+        written as one function: it runs once per request, and the helper calls
+        it used to make were half its time (bench/README.md)."""
+        capacity, rate = self._capacity, self.refill_rate
+        if state is None:
+            tokens = float(capacity)
+        else:
+            tokens = state[0] + (now - state[1]) * rate / US
+            if tokens > capacity:
+                tokens = float(capacity)
         if tokens + EPS >= cost:
             left = tokens - cost
-            outcome = new_tuple(Outcome, (True, _floor(left), (self._capacity - left) / rate, 0.0, 0.0))
-            return outcome, (left, now)
-        return (
-            Outcome(False, _floor(tokens), (self._capacity - tokens) / rate, (cost - tokens) / rate),
-            state,
-        )
+            # left + EPS >= 0 here, so the floor is never negative
+            return new_tuple(Outcome, (True, math.floor(left + EPS), (capacity - left) / rate, 0.0, 0.0)), (left, now)
+        return Outcome(False, _floor(tokens), (capacity - tokens) / rate, (cost - tokens) / rate), state
 
     def peek(self, state: State, now: int) -> Outcome:
-        tokens = self._tokens(state, now)
-        return Outcome(tokens + EPS >= 1, _floor(tokens), (self._capacity - tokens) / self.refill_rate)
+        current = self.check(state, now, 0)[0]
+        return current._replace(allowed=current.remaining >= 1)
 
     def ttl(self, state: State, now: int) -> float:
-        return (self._capacity - self._tokens(state, now)) / self.refill_rate
+        return self.check(state, now, 0)[0].reset
 
 
 class _Window(Algorithm, ABC):
