@@ -95,6 +95,8 @@ class Tier:
     unlimited: bool = False
     policy_header: str = ""
     capacity_texts: tuple[str, ...] = ()  # X-RateLimit-Limit of each limit
+    # proxy.ratelimit_headers' serialized header lines, by the state they show
+    header_lines: dict[Any, bytes] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ failures become 502/504 in `upstream_failure`.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import HttpVersion11, web
 from yarl import URL
 
+from . import responses
 from .problems import problem
 from .upstream import ConnectFailed, ConnectTimeout, Pool, Response, UpstreamError, UpstreamTimeout
 
@@ -202,9 +203,10 @@ def upstream_target(request: web.BaseRequest, upstream: Upstream) -> bytes:
 
 
 async def forward(
-    request: web.BaseRequest, pool: Pool, upstream: Upstream, extra_headers: Sequence[tuple[str, str]] | None = None,
+    request: web.BaseRequest, pool: Pool, upstream: Upstream, lines: bytes = b"",
 ) -> web.StreamResponse:
-    """Send `request` upstream and stream the answer back.
+    """Send `request` upstream and stream the answer back, with header `lines`
+    (serialized, each ending CRLF: the rate-limit headers) added to its head.
 
     Raises ExpectationFailed, BodyTooLarge or ClientGone before the response started,
     UpstreamBroken after, and UpstreamError for `upstream_failure` to map.
@@ -219,24 +221,25 @@ async def forward(
             raise ClientGone from None
         raise
     try:
-        return await _relay(request, answer, extra_headers)
+        return await _relay(request, answer, lines)
     finally:
         answer.close()
 
 
-async def _relay(request: web.BaseRequest, answer: Response, extra_headers: Sequence[tuple[str, str]] | None,
-                 ) -> web.StreamResponse:
+async def _relay(request: web.BaseRequest, answer: Response, lines: bytes) -> web.StreamResponse:
     no_body = request.method == "HEAD" or answer.status in NO_BODY_STATUSES
     headers = response_headers(answer)
-    if extra_headers:
-        headers.extend(extra_headers)
+    response: web.StreamResponse
     if answer.complete and answer.length is not None and not no_body:
         # The body arrived whole with its head (most API answers): both go out in one write.
-        return web.Response(status=answer.status, reason=answer.reason or None, headers=headers,
-                            body=answer.buffered())
+        response = responses.Response(status=answer.status, reason=answer.reason or None, headers=headers,
+                                      body=answer.buffered())
+        response.lines = lines
+        return response
     if answer.length is not None:
         headers.append(("Content-Length", answer.length.decode("latin-1")))
-    response = web.StreamResponse(status=answer.status, reason=answer.reason or None, headers=headers)
+    response = responses.StreamResponse(status=answer.status, reason=answer.reason or None, headers=headers)
+    response.lines = lines
     try:
         await response.prepare(request)
         if no_body:

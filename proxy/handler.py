@@ -18,7 +18,7 @@ from .forward import BodyTooLarge, ClientGone, ExpectationFailed, UpstreamBroken
 from .identity import Rejection, resolve
 from .limiter import Decision
 from .problems import problem
-from .ratelimit_headers import rate_limit_headers, refusing_limit, retry_after_header
+from .ratelimit_headers import rate_limit_lines, refusing_limit, retry_after_header
 from .records import RequestRecord
 from .runtime import Runtime
 from .upstream import UpstreamError
@@ -38,7 +38,7 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
         return _finish(runtime, record, response, started, close=True)
     if route.exempt:
         record = RequestRecord(request.method, request.path, request.remote or "", "-", "exempt")
-        return await _forward(request, runtime, record, started, None)
+        return await _forward(request, runtime, record, started, b"")
     client = resolve(config, request.headers, request.remote)
     if isinstance(client, Rejection):
         record = RequestRecord(request.method, request.path, request.remote or "", "-", "unauthorized")
@@ -54,28 +54,27 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
         response = problem(503, "limiter_unavailable", "The rate limiter's storage is unavailable; "
                            "try again shortly.", headers={"Retry-After": "1"})
         return _finish(runtime, record, response, started)
-    headers = rate_limit_headers(client.tier, decision.outcomes) if decision.outcomes else None
+    lines = rate_limit_lines(client.tier, decision.outcomes) if decision.outcomes else b""
     if not decision.allowed:
-        return _finish(runtime, record, _refuse(client.tier, decision, headers or [], record), started)
+        return _finish(runtime, record, _refuse(client.tier, decision, lines, record), started)
     if decision.delay > 0:
         await asyncio.sleep(decision.delay)  # leaky bucket: released in arrival order
         if request.transport is None or request.transport.is_closing():
             record.status = 499  # gave up while queued: nothing to forward
             runtime.observe(record, time.perf_counter() - started)
             return web.Response(status=499)
-    return await _forward(request, runtime, record, started, headers)
+    return await _forward(request, runtime, record, started, lines)
 
 
-def _refuse(tier: Tier, decision: Decision, headers: list[tuple[str, str]], record: RequestRecord) -> web.Response:
+def _refuse(tier: Tier, decision: Decision, lines: bytes, record: RequestRecord) -> web.Response:
     outcomes = decision.outcomes
     index = refusing_limit(outcomes)
     retry = outcomes[index].retry_after
     record.decision = "blocked"
     record.limit = tier.limits[index].name
-    headers.append(("Retry-After", retry_after_header(retry)))
     violated = [limit.name for limit, o in zip(tier.limits, outcomes) if not o.allowed]
     return problem(
-        429, "rate_limited", "Rate limit exceeded", headers=headers,
+        429, "rate_limited", "Rate limit exceeded", headers={"Retry-After": retry_after_header(retry)}, lines=lines,
         **{"violated-policies": violated}, tier=tier.name, limit=record.limit,
         retry_after_seconds=math.ceil(retry * 1000) / 1000,
     )
@@ -83,11 +82,11 @@ def _refuse(tier: Tier, decision: Decision, headers: list[tuple[str, str]], reco
 
 async def _forward(
     request: web.BaseRequest, runtime: Runtime, record: RequestRecord, started: float,
-    headers: list[tuple[str, str]] | None,
+    lines: bytes,
 ) -> web.StreamResponse:
     upstream_started = time.perf_counter()
     try:
-        response = await forward(request, runtime.pool, runtime.upstream, headers)
+        response = await forward(request, runtime.pool, runtime.upstream, lines)
     except ExpectationFailed:
         response = problem(417, "expectation_failed", "Only \"Expect: 100-continue\" is supported.")
         return _finish(runtime, record, response, started, close=True)

@@ -12,6 +12,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from .responses import Response
+
 CONTENT_TYPE: Final = "application/problem+json"
 QUOTA_EXCEEDED: Final = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
@@ -42,10 +44,12 @@ def problem_body(status: int, error: str, message: str, **extra: Any) -> dict[st
 
 def problem(
     status: int, error: str, message: str, *, headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
-    **extra: Any,
+    lines: bytes = b"", **extra: Any,
 ) -> web.Response:
-    """A problem+json response; `extra` adds members such as `tier` or `limit`."""
+    """A problem+json response; `extra` adds members such as `tier` or `limit`,
+    `lines` serialized header lines (the rate-limit headers of a 429)."""
     text = json.dumps(problem_body(status, error, message, **extra))
-    response = web.Response(status=status, text=text, headers=headers)
+    response = Response(status=status, text=text, headers=headers)
     response.content_type = CONTENT_TYPE
+    response.lines = lines
     return response

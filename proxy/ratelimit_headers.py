@@ -2,16 +2,22 @@
 the legacy X-RateLimit-* trio, and Retry-After.
 
 `RateLimit-Policy` is fixed per tier and built once at config load
-(`Tier.policy_header`); only `RateLimit` depends on the request.
+(`Tier.policy_header`). The rest depends only on each limit's (remaining,
+whole seconds to reset), which repeat from request to request: the five
+headers go out as header lines serialized once per distinct state and kept
+in the tier (`rate_limit_lines`, sent by `proxy.responses`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Final
 
 from .config import Tier
 from .limits.algorithms import Outcome
+
+MAX_LINES_PER_TIER: Final = 4096  # distinct states kept; a full cache starts over
 
 
 def whole_seconds(seconds: float) -> int:
@@ -29,26 +35,38 @@ def most_constraining(outcomes: Sequence[Outcome]) -> int:
     return best
 
 
-def rate_limit_headers(tier: Tier, outcomes: Sequence[Outcome]) -> list[tuple[str, str]]:
-    """The five headers of every limited answer, as pairs (what aiohttp takes whole)."""
-    if len(outcomes) == 1:  # the common tier, without the joins and the search
-        tight, o = 0, outcomes[0]
-        remaining, reset = str(o.remaining), str(whole_seconds(o.reset))
-        items = f'"{tier.limits[0].name}";r={remaining};t={reset}'
+def rate_limit_lines(tier: Tier, outcomes: Sequence[Outcome]) -> bytes:
+    """The five headers of every limited answer as header lines, each ending CRLF.
+
+    Looked up by what they show: each limit's (remaining, whole seconds to
+    reset) and which limit is the tightest.
+    """
+    if len(outcomes) == 1:  # the common tier: no search, no generator
+        o = outcomes[0]
+        key = ((o.remaining, whole_seconds(o.reset)),), 0
     else:
-        items = ", ".join([
-            f'"{limit.name}";r={o.remaining};t={whole_seconds(o.reset)}' for limit, o in zip(tier.limits, outcomes)
-        ])
-        tight = most_constraining(outcomes)
-        o = outcomes[tight]
-        remaining, reset = str(o.remaining), str(whole_seconds(o.reset))
-    return [
-        ("RateLimit-Policy", tier.policy_header),
-        ("RateLimit", items),
-        ("X-RateLimit-Limit", tier.capacity_texts[tight]),
-        ("X-RateLimit-Remaining", remaining),
-        ("X-RateLimit-Reset", reset),
-    ]
+        key = tuple((o.remaining, whole_seconds(o.reset)) for o in outcomes), most_constraining(outcomes)
+    lines = tier.header_lines.get(key)
+    if lines is None:
+        lines = _serialize(tier, *key)
+    return lines
+
+
+def _serialize(tier: Tier, states: tuple[tuple[int, int], ...], tight: int) -> bytes:
+    remaining, reset = states[tight]
+    items = ", ".join(f'"{limit.name}";r={r};t={t}' for limit, (r, t) in zip(tier.limits, states))
+    lines = (
+        f"RateLimit-Policy: {tier.policy_header}\r\n"
+        f"RateLimit: {items}\r\n"
+        f"X-RateLimit-Limit: {tier.capacity_texts[tight]}\r\n"
+        f"X-RateLimit-Remaining: {remaining}\r\n"
+        f"X-RateLimit-Reset: {reset}\r\n"
+    ).encode("ascii")  # names passed NAME_RE, the rest are digits
+    cache = tier.header_lines
+    if len(cache) >= MAX_LINES_PER_TIER:
+        cache.clear()
+    cache[(states, tight)] = lines
+    return lines
 
 
 def refusing_limit(outcomes: Sequence[Outcome]) -> int:

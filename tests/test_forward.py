@@ -434,3 +434,67 @@ async def test_an_unknown_expectation_is_417(upstream):
         _, writer, first = await _expecting(int(tg.url.rsplit(":", 1)[1]), "magic")
         writer.close()
     assert first.startswith(b"HTTP/1.1 417 ")
+
+
+THREE_TOKENS = """
+tiers:
+  anonymous:
+    limits: [{name: burst, algorithm: token_bucket, capacity: 3, refill_rate: 0.001}]
+upstream: {url: "{upstream}", timeout: 2, connect_timeout: 0.5}
+"""
+RATE_LIMIT_NAMES = ("ratelimit-policy", "ratelimit", "x-ratelimit-limit", "x-ratelimit-remaining",
+                    "x-ratelimit-reset")
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str,
+                    method: str = "GET") -> tuple[bytes, list[tuple[str, str]], bytes]:
+    """One request on a kept-alive connection, read by hand: status line, header
+    lines in wire order, and the body its framing delimits."""
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    status, *lines = head[:-4].split(b"\r\n")
+    headers = [(name.decode().lower(), value.decode().strip()) for name, value in
+               (line.split(b":", 1) for line in lines)]
+    fields = dict(headers)
+    if method == "HEAD":
+        body = b""
+    elif fields.get("transfer-encoding") == "chunked":
+        body = b""
+        while size := int(await reader.readline(), 16):
+            body += await reader.readexactly(size)
+            assert await reader.readexactly(2) == b"\r\n"
+        assert await reader.readexactly(2) == b"\r\n"
+    else:
+        body = await reader.readexactly(int(fields["content-length"]))
+    return status, headers, body
+
+
+async def test_rate_limit_headers_on_the_wire_once_each_in_every_kind_of_answer(upstream):
+    """The rate-limit lines are spliced into aiohttp's serialized head
+    (proxy.responses): in a buffered answer, a streamed one, a HEAD and
+    Tollgate's own 429, each header exactly once, in a head that still ends
+    where it should, so the next answer on the connection parses."""
+    async with running(THREE_TOKENS, upstream.url) as tg:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(tg.url.rsplit(":", 1)[1]))
+        try:
+            answers = [
+                await _exchange(reader, writer, "/buffered"),
+                await _exchange(reader, writer, "/stream/3"),
+                await _exchange(reader, writer, "/head", "HEAD"),
+                await _exchange(reader, writer, "/refused"),
+            ]
+        finally:
+            writer.close()
+    statuses = [status.split(b" ")[1] for status, _, _ in answers]
+    assert statuses == [b"200", b"200", b"200", b"429"]
+    for (_, headers, _), remaining in zip(answers, ["2", "1", "0", "0"]):
+        names = [name for name, _ in headers]
+        assert [names.count(name) for name in RATE_LIMIT_NAMES] == [1] * 5, names
+        fields = dict(headers)
+        assert fields["ratelimit-policy"] == '"burst";q=3;w=3000'
+        assert fields["ratelimit"] == f'"burst";r={remaining};t={fields["x-ratelimit-reset"]}'
+        assert (fields["x-ratelimit-limit"], fields["x-ratelimit-remaining"]) == ("3", remaining)
+    assert json.loads(answers[0][2])["path"] == "/buffered"
+    assert [json.loads(line)["chunk"] for line in answers[1][2].splitlines()] == [0, 1, 2]
+    assert dict(answers[1][1])["transfer-encoding"] == "chunked"
+    assert json.loads(answers[3][2])["error"] == "rate_limited" and dict(answers[3][1])["retry-after"] == "1000"
