@@ -9,7 +9,8 @@ once per distinct value; here they are appended to aiohttp's serialization
 of the other headers as they are.
 
 This overrides StreamResponse._write_headers, an aiohttp internal of the
-versions that buffer the head until the first body write (3.12 and later);
+versions that buffer the head until the first body write (3.12 and later;
+setup.cfg asks for 3.13);
 tests/test_forward.py reads the raw bytes on the wire, so a change in aiohttp
 fails a test rather than a header.
 """
