@@ -168,6 +168,8 @@ class Config:
     routes: tuple[Route, ...] = ()
     path: str | None = None
     route_table: RouteTable = field(init=False, repr=False, compare=False)
+    # proxy.identity's resolved anonymous clients, by peer address: this config's only
+    peer_clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "route_table", RouteTable(self.routes))
