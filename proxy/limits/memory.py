@@ -32,14 +32,14 @@ class MemoryStore(Store):
 
     def acquire_now(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
         """`acquire` without the coroutine, for callers already on the loop."""
-        now = round(self._clock() * US)  # to_micros, without a call on the hot path
+        now = int(self._clock() * US + 0.5)  # to_micros, without a call on the hot path
         tables = self._tables
         if len(limits) == 1:  # the common tier; check_all over one limit is exactly this
             limit = limits[0]
-            table = tables.get(limit.key)
-            outcome, state = limit.algorithm.check(None if table is None else table.get(identity), now, cost)
+            table = tables.get(limit.key) or self._table(limit)
+            outcome, state = limit.algorithm.check(table.get(identity), now, cost)
             if outcome.allowed:
-                (table if table is not None else self._table(limit))[identity] = state
+                table[identity] = state
             return [outcome]
         states = []
         for limit in limits:
