@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deadline", type=float, default=600, help="seconds for the whole bench (default 600)")
     parser.add_argument("--baseline", metavar="REV",
                         help="also count an older commit's Tollgate (git archive REV) in the same modes")
+    parser.add_argument("--keep-dumps", type=Path, metavar="DIR",
+                        help="copy each phase's callgrind dump to DIR/<mode>-<phase>.cg.out (for callgrind_annotate)")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "instructions.json")
     args = parser.parse_args(argv)
     args.phases = 1 if args.quick else 2
@@ -119,6 +121,9 @@ async def phases(pid: int, out: Path, urls: dict[str, str], order: list[str],
             if match is None:
                 raise BenchError(f"{written[-1]} has no summary: line")
             figures[mode].append(int(match.group(1)) / args.requests)
+            if args.keep_dumps is not None:
+                args.keep_dumps.mkdir(parents=True, exist_ok=True)
+                shutil.copy(written[-1], args.keep_dumps / f"{mode}-{len(figures[mode])}.cg.out")
             print(f"    {mode:<7} {figures[mode][-1]:>10,.0f} instructions/request  "
                   f"({time.monotonic() - started:.1f}s)", flush=True)
     return figures
