@@ -87,19 +87,20 @@ class LatencyWindow:
 
 
 @dataclass(slots=True)
-class ClientCounts:
-    tier: str
-    identity: str
-    requests: int = 0
+class Counts:
     allowed: int = 0
     blocked: int = 0
+
+    @property
+    def requests(self) -> int:
+        """Derived, not counted: one increment less per request."""
+        return self.allowed + self.blocked
 
 
 @dataclass(slots=True)
-class Counts:
-    requests: int = 0
-    allowed: int = 0
-    blocked: int = 0
+class ClientCounts(Counts):
+    tier: str = ""
+    identity: str = ""
 
 
 @dataclass(slots=True)
@@ -114,6 +115,10 @@ class Stats:
     timeline: list[list[int]] = field(default_factory=list)  # [second, allowed, blocked]
     proxy_latency: LatencyWindow = field(init=False)
     upstream_latency: LatencyWindow = field(init=False)
+    # The timeline is closed once a second from the totals: the second being
+    # counted, and totals' (allowed, blocked) when it began.
+    _second: int = -1
+    _base: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         self.reset()
@@ -126,11 +131,14 @@ class Stats:
         self.tiers = {}
         self.clients = {}
         self.timeline = [[-1, 0, 0] for _ in range(TIMELINE_SECONDS)]
+        self._second, self._base = -1, (0, 0)
         self.proxy_latency = LatencyWindow(self.clock)
         self.upstream_latency = LatencyWindow(self.clock)
 
     def observe(self, record: RequestRecord) -> None:
         now = self.clock()
+        if int(now) != self._second:  # once a second
+            self._close_second(int(now))
         totals = self.totals
         totals["requests"] += 1
         decision = record.decision
@@ -142,12 +150,6 @@ class Stats:
             self.upstream_latency.add(record.upstream_seconds, now)
         if decision != "allowed" and decision != "blocked":
             return
-        blocked = decision == "blocked"
-        second = int(now)
-        slot = self.timeline[second % TIMELINE_SECONDS]
-        if slot[0] != second:
-            slot[0], slot[1], slot[2] = second, 0, 0
-        slot[2 if blocked else 1] += 1
         tier = self.tiers.get(record.tier)
         if tier is None:
             tier = self.tiers[record.tier] = Counts()
@@ -155,15 +157,21 @@ class Stats:
         if client is None:
             if len(self.clients) >= MAX_CLIENTS:
                 self._drop_least_busy()
-            client = self.clients[record.client] = ClientCounts(record.tier, record.identity)
-        tier.requests += 1
-        client.requests += 1
-        if blocked:
-            tier.blocked += 1
-            client.blocked += 1
-        else:
+            client = self.clients[record.client] = ClientCounts(tier=record.tier, identity=record.identity)
+        if decision == "allowed":
             tier.allowed += 1
             client.allowed += 1
+        else:
+            tier.blocked += 1
+            client.blocked += 1
+
+    def _close_second(self, second: int) -> None:
+        """Write the second that ended into the timeline (from the totals) and start `second`."""
+        allowed, blocked = self.totals["allowed"], self.totals["blocked"]
+        if self._second >= 0 and (allowed, blocked) != self._base:
+            self.timeline[self._second % TIMELINE_SECONDS] = [
+                self._second, allowed - self._base[0], blocked - self._base[1]]
+        self._second, self._base = second, (allowed, blocked)
 
     def _drop_least_busy(self) -> None:
         """Keep the busier half: amortised O(1) per new client, bounded memory."""
@@ -177,10 +185,14 @@ class Stats:
 
     def timeline_points(self) -> list[dict[str, int]]:
         now = int(self.clock())
+        if now != self._second:
+            self._close_second(now)
+        slots = [*self.timeline, [self._second, self.totals["allowed"] - self._base[0],
+                                  self.totals["blocked"] - self._base[1]]]  # the second under way
         points = [
             {"t": slot[0], "allowed": slot[1], "blocked": slot[2]}
-            for slot in self.timeline
-            if slot[0] >= 0 and now - slot[0] < TIMELINE_SECONDS
+            for slot in slots
+            if slot[0] >= 0 and now - slot[0] < TIMELINE_SECONDS and (slot[1] or slot[2])
         ]
         points.sort(key=lambda p: p["t"])
         return points

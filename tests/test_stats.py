@@ -52,3 +52,27 @@ def test_observe_counts_totals_tiers_clients_and_the_timeline():
     assert snap["tiers"] == {"free": {"requests": 4, "allowed": 2, "blocked": 2}}
     assert (stats.clients["alice"].allowed, stats.clients["alice"].blocked) == (2, 1)
     assert snap["timeline"] == [{"t": 5000, "allowed": 2, "blocked": 1}, {"t": 5001, "allowed": 0, "blocked": 1}]
+
+
+def test_the_timeline_closes_each_second_from_the_totals_and_forgets_after_300_s():
+    clock = FakeClock(7000.0)
+    stats = Stats(clock=clock, started=clock())
+
+    def send(decision: str, n: int = 1) -> None:
+        for _ in range(n):
+            stats.observe(RequestRecord("GET", "/", "alice", "free", decision, "k:1", status=200))
+
+    send("allowed", 3)
+    clock.advance(2)  # 7001 saw nothing
+    send("exempt")  # counted in totals, not in the timeline
+    clock.advance(1)
+    send("blocked", 2)
+    send("allowed")
+    live = stats.timeline_points()
+    assert live == stats.timeline_points()  # reading closes nothing twice
+    assert live == [{"t": 7000, "allowed": 3, "blocked": 0}, {"t": 7003, "allowed": 1, "blocked": 2}]
+    clock.advance(299.5)  # 7302.5: 7000 is 302 s old, 7003 299 s
+    assert stats.timeline_points() == [{"t": 7003, "allowed": 1, "blocked": 2}]
+    send("allowed")
+    clock.advance(301)  # the ring wrapped: every slot is stale
+    assert stats.timeline_points() == []
