@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from .config import Tier
 from .limits.algorithms import Outcome
@@ -38,21 +38,21 @@ def most_constraining(outcomes: Sequence[Outcome]) -> int:
 def rate_limit_lines(tier: Tier, outcomes: Sequence[Outcome]) -> bytes:
     """The five headers of every limited answer as header lines, each ending CRLF.
 
-    Looked up by what they show: each limit's (remaining, whole seconds to
-    reset) and which limit is the tightest.
+    Looked up by what they show: a single limit's (remaining, whole seconds
+    to reset); for several, each one's and which is the tightest.
     """
     if len(outcomes) == 1:  # the common tier: no search, no generator
         o = outcomes[0]
-        key = ((o.remaining, whole_seconds(o.reset)),), 0
-    else:
-        key = tuple((o.remaining, whole_seconds(o.reset)) for o in outcomes), most_constraining(outcomes)
+        key: tuple[Any, int] = (o.remaining, whole_seconds(o.reset))  # cannot equal a many-limit key
+        lines = tier.header_lines.get(key)
+        return lines if lines is not None else _serialize(tier, (key,), 0, key)
+    states = tuple((o.remaining, whole_seconds(o.reset)) for o in outcomes)
+    key = (states, most_constraining(outcomes))
     lines = tier.header_lines.get(key)
-    if lines is None:
-        lines = _serialize(tier, *key)
-    return lines
+    return lines if lines is not None else _serialize(tier, states, key[1], key)
 
 
-def _serialize(tier: Tier, states: tuple[tuple[int, int], ...], tight: int) -> bytes:
+def _serialize(tier: Tier, states: tuple[tuple[int, int], ...], tight: int, key: tuple[Any, int]) -> bytes:
     remaining, reset = states[tight]
     items = ", ".join(f'"{limit.name}";r={r};t={t}' for limit, (r, t) in zip(tier.limits, states))
     lines = (
@@ -65,7 +65,7 @@ def _serialize(tier: Tier, states: tuple[tuple[int, int], ...], tight: int) -> b
     cache = tier.header_lines
     if len(cache) >= MAX_LINES_PER_TIER:
         cache.clear()
-    cache[(states, tight)] = lines
+    cache[key] = lines
     return lines
 
 

@@ -26,21 +26,18 @@ class _WithLines(web.StreamResponse):
     lines: bytes = b""
 
     async def _write_headers(self) -> None:
-        if not self.lines:
-            await super()._write_headers()
-            return
-        writer = self._payload_writer
-        assert writer is not None
-        immediately = self._send_headers_immediately
-        self._send_headers_immediately = False  # keep the head buffered to splice the lines in
-        try:
-            await super()._write_headers()
-        finally:
-            self._send_headers_immediately = immediately
-        head = writer._headers_buf  # ends with the blank line: CRLF CRLF
-        assert head is not None and head.endswith(b"\r\n\r\n")
-        writer._headers_buf = head[:-2] + self.lines + b"\r\n"
+        lines = self.lines
+        if not lines:
+            return await web.StreamResponse._write_headers(self)
+        immediately = self._send_headers_immediately  # a StreamResponse's: hold the head to splice
         if immediately:
+            self._send_headers_immediately = False
+        await web.StreamResponse._write_headers(self)
+        writer = self._payload_writer
+        assert writer is not None and writer._headers_buf is not None
+        writer._headers_buf = writer._headers_buf[:-2] + lines + b"\r\n"  # before the blank line
+        if immediately:
+            self._send_headers_immediately = True
             writer.send_headers()
 
 
