@@ -182,19 +182,18 @@ async def check(request: web.Request) -> web.Response:
     key, tier_name, cost = parsed
     tier = runtime.config.tiers[tier_name]
     identity = "c:" + hashlib.sha256(key.encode()).hexdigest()[:32]
-    decision = await runtime.limiter.decide(identity, tier, cost)
-    if decision.unavailable:
+    verdict, outcomes = await runtime.limiter.decide(identity, tier, cost)
+    if verdict.unavailable:
         return problem(503, "limiter_unavailable", "The rate limiter's storage is unavailable.",
                        headers={"Retry-After": "1"})
-    result: dict[str, Any] = {"allowed": decision.allowed, "tier": tier_name, "limit": None,
+    result: dict[str, Any] = {"allowed": verdict.allowed, "tier": tier_name, "limit": None,
                               "remaining": None, "retry_after_seconds": 0}
-    if decision.outcomes:
-        outcomes = decision.outcomes
-        index = most_constraining(outcomes) if decision.allowed else refusing_limit(outcomes)
+    if outcomes:
+        index = most_constraining(outcomes) if verdict.allowed else refusing_limit(outcomes)
         result["limit"] = tier.limits[index].name
         result["remaining"] = outcomes[most_constraining(outcomes)].remaining
-        result["retry_after_seconds"] = 0 if decision.allowed else round(outcomes[index].retry_after, 3)
-        result["delay_seconds"] = round(decision.delay, 3)
+        result["retry_after_seconds"] = 0 if verdict.allowed else round(outcomes[index].retry_after, 3)
+        result["delay_seconds"] = round(verdict.delay, 3)
     return web.json_response(result)
 
 

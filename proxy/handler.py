@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Sequence
 from typing import Final
 
 from aiohttp import web
@@ -16,7 +17,7 @@ from aiohttp import web
 from .config import Route, Tier
 from .forward import BodyTooLarge, ClientGone, ExpectationFailed, UpstreamBroken, forward, upstream_failure
 from .identity import Rejection, resolve
-from .limiter import Decision
+from .limits.algorithms import Outcome
 from .problems import problem
 from .ratelimit_headers import rate_limit_lines, refusing_limit, retry_after_header
 from .records import RequestRecord
@@ -49,16 +50,17 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
     decision = limiter.decide_now(client.identity, client.tier, route.cost)
     if decision is None:
         decision = await limiter.consult_store(client.identity, client.tier, route.cost)
-    if decision.unavailable:
+    verdict, outcomes = decision
+    if verdict.unavailable:
         record.decision = "unavailable"
         response = problem(503, "limiter_unavailable", "The rate limiter's storage is unavailable; "
                            "try again shortly.", headers={"Retry-After": "1"})
         return _finish(runtime, record, response, started)
-    lines = rate_limit_lines(client.tier, decision.outcomes) if decision.outcomes else b""
-    if not decision.allowed:
-        return _finish(runtime, record, _refuse(client.tier, decision, lines, record), started)
-    if decision.delay > 0:
-        await asyncio.sleep(decision.delay)  # leaky bucket: released in arrival order
+    lines = rate_limit_lines(client.tier, outcomes) if outcomes else b""
+    if not verdict.allowed:
+        return _finish(runtime, record, _refuse(client.tier, outcomes, lines, record), started)
+    if verdict.delay > 0:
+        await asyncio.sleep(verdict.delay)  # leaky bucket: released in arrival order
         if request.transport is None or request.transport.is_closing():
             record.status = 499  # gave up while queued: nothing to forward
             runtime.observe(record, time.perf_counter() - started)
@@ -66,8 +68,7 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
     return await _forward(request, runtime, record, started, lines)
 
 
-def _refuse(tier: Tier, decision: Decision, lines: bytes, record: RequestRecord) -> web.Response:
-    outcomes = decision.outcomes
+def _refuse(tier: Tier, outcomes: Sequence[Outcome], lines: bytes, record: RequestRecord) -> web.Response:
     index = refusing_limit(outcomes)
     retry = outcomes[index].retry_after
     record.decision = "blocked"
