@@ -17,6 +17,7 @@ from aiohttp import web
 from .config import Route, Tier
 from .forward import BodyTooLarge, ClientGone, ExpectationFailed, UpstreamBroken, forward, upstream_failure
 from .identity import Rejection, resolve
+from .limiter import Verdict
 from .limits.algorithms import Outcome
 from .problems import problem
 from .ratelimit_headers import rate_limit_lines, refusing_limit, retry_after_header
@@ -45,20 +46,16 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
         record = RequestRecord(request.method, request.path, request.remote or "", "-", "unauthorized")
         response = problem(401, client.error, client.message)
         return _finish(runtime, record, response, started)
-    record = RequestRecord(request.method, request.path, client.id, client.tier.name, "allowed", client.identity)
+    client_id, tier, identity = client
+    record = RequestRecord(request.method, request.path, client_id, tier.name, "allowed", identity)
     limiter = runtime.limiter
-    decision = limiter.decide_now(client.identity, client.tier, route.cost)
+    decision = limiter.decide_now(identity, tier, route.cost)
     if decision is None:
-        decision = await limiter.consult_store(client.identity, client.tier, route.cost)
+        decision = await limiter.consult_store(identity, tier, route.cost)
     verdict, outcomes = decision
-    if verdict.unavailable:
-        record.decision = "unavailable"
-        response = problem(503, "limiter_unavailable", "The rate limiter's storage is unavailable; "
-                           "try again shortly.", headers={"Retry-After": "1"})
-        return _finish(runtime, record, response, started)
-    lines = rate_limit_lines(client.tier, outcomes) if outcomes else b""
+    lines = rate_limit_lines(tier, outcomes) if outcomes else b""
     if not verdict.allowed:
-        return _finish(runtime, record, _refuse(client.tier, outcomes, lines, record), started)
+        return _finish(runtime, record, _refuse(tier, verdict, outcomes, lines, record), started)
     if verdict.delay > 0:
         await asyncio.sleep(verdict.delay)  # leaky bucket: released in arrival order
         if request.transport is None or request.transport.is_closing():
@@ -68,7 +65,13 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
     return await _forward(request, runtime, record, started, lines)
 
 
-def _refuse(tier: Tier, outcomes: Sequence[Outcome], lines: bytes, record: RequestRecord) -> web.Response:
+def _refuse(tier: Tier, verdict: Verdict, outcomes: Sequence[Outcome], lines: bytes,
+            record: RequestRecord) -> web.Response:
+    """429 with the refusing limit, or 503 when the store is down and on_error is deny."""
+    if verdict.unavailable:
+        record.decision = "unavailable"
+        return problem(503, "limiter_unavailable", "The rate limiter's storage is unavailable; "
+                       "try again shortly.", headers={"Retry-After": "1"})
     index = refusing_limit(outcomes)
     retry = outcomes[index].retry_after
     record.decision = "blocked"

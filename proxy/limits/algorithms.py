@@ -113,6 +113,7 @@ class TokenBucket(Algorithm):
 
     def __init__(self, capacity: int, refill_rate: float) -> None:
         self._capacity = capacity
+        self._full = float(capacity)
         self.refill_rate = refill_rate
 
     @property
@@ -127,18 +128,18 @@ class TokenBucket(Algorithm):
         """The refill rule lives here only (peek and ttl are a check of cost 0),
         written as one function: it runs once per request, and the helper calls
         it used to make were half its time (bench/README.md)."""
-        capacity, rate = self._capacity, self.refill_rate
+        full, rate = self._full, self.refill_rate
         if state is None:
-            tokens = float(capacity)
+            tokens = full
         else:
             tokens = state[0] + (now - state[1]) * rate / US
-            if tokens > capacity:
-                tokens = float(capacity)
+            if tokens > full:
+                tokens = full
         if tokens + EPS >= cost:
             left = tokens - cost
             # left + EPS >= 0 here, so the floor is never negative
-            return new_tuple(Outcome, (True, math.floor(left + EPS), (capacity - left) / rate, 0.0, 0.0)), (left, now)
-        return Outcome(False, _floor(tokens), (capacity - tokens) / rate, (cost - tokens) / rate), state
+            return new_tuple(Outcome, (True, math.floor(left + EPS), (full - left) / rate, 0.0, 0.0)), (left, now)
+        return Outcome(False, _floor(tokens), (full - tokens) / rate, (cost - tokens) / rate), state
 
     def peek(self, state: State, now: int) -> Outcome:
         current = self.check(state, now, 0)[0]
