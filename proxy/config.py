@@ -170,9 +170,14 @@ class Config:
     route_table: RouteTable = field(init=False, repr=False, compare=False)
     # proxy.identity's resolved anonymous clients, by peer address: this config's only
     peer_clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # A request without a known key is keyed by its peer's address, as is: there is
+    # an anonymous tier, no key is required and no proxy is trusted to name another.
+    anonymous_by_peer: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "route_table", RouteTable(self.routes))
+        object.__setattr__(self, "anonymous_by_peer", "anonymous" in self.tiers
+                           and not self.clients.require_key and not self.clients.trusted_proxies)
 
     def all_limits(self) -> list[Limit]:
         return [limit for tier in self.tiers.values() for limit in tier.limits]

@@ -115,15 +115,15 @@ def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) ->
             return Client(entry.name, config.tiers[entry.tier], key_identity(entry))
         if clients.unknown_key == "reject":
             return Rejection("invalid_api_key", f"The {clients.api_key_header} header holds an unknown API key.")
-    if clients.require_key and not key:
-        return Rejection("missing_api_key", f"An API key is required in the {clients.api_key_header} header.")
-    if "anonymous" not in config.tiers:  # unknown_key: anonymous, but no anonymous tier
-        return Rejection("invalid_api_key", f"The {clients.api_key_header} header holds an unknown API key.")
-    if peer is not None and not clients.trusted_proxies and ":" not in peer:
+    if config.anonymous_by_peer and peer is not None and ":" not in peer:
         # The common case: an IPv4 peer is the client. Its Client is kept, as
         # building one cost a fifth of resolving (bench/README.md).
         client = config.peer_clients.get(peer)
         return client if client is not None else _remember(config, peer)
+    if clients.require_key and not key:
+        return Rejection("missing_api_key", f"An API key is required in the {clients.api_key_header} header.")
+    if "anonymous" not in config.tiers:  # unknown_key: anonymous, but no anonymous tier
+        return Rejection("invalid_api_key", f"The {clients.api_key_header} header holds an unknown API key.")
     address = client_address(peer or "", headers.getall("X-Forwarded-For", ()), clients.trusted_proxies)
     ip = address_id(address, clients.ipv6_prefix) if address is not None else (peer or "unknown")
     return new_tuple(Client, (ip, config.tiers["anonymous"], address_identity(ip)))  # see Outcome on new_tuple
