@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from importlib import resources
 from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -108,9 +108,10 @@ class RedisStore(Store):
         """The Redis key of `identity`'s state in `limit`."""
         return f"{self._prefix}{{{_digest(identity)}}}:{limit.key}"
 
-    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int,
-                      timeout: float | None = None) -> list[Outcome]:
-        return await self._decide("acquire", identity, limits, cost, timeout)
+    def acquire(self, identity: str, limits: Sequence[Limit], cost: int,  # type: ignore[override]
+                timeout: float | None = None) -> Coroutine[Any, Any, list[Outcome]]:
+        """Store.acquire; `_decide`'s coroutine itself, not one more wrapped around it."""
+        return self._decide("acquire", identity, limits, cost, timeout)
 
     async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:
         return await self._decide("peek", identity, limits, 0, None)
@@ -155,7 +156,10 @@ class RedisStore(Store):
         if timeout is None:
             timeout = self._timeout
         now = "" if self._clock is None else str(to_micros(self._clock()))
-        keys = [self.key(identity, limit) for limit in limits]
+        if len(limits) == 1:  # the common tier, without a comprehension (a call in Python 3.11)
+            keys = [self.key(identity, limits[0])]
+        else:
+            keys = [self.key(identity, limit) for limit in limits]
         args = [mode, now, str(cost), *self._args_of(limits)]
         if self._pipe is None:
             async with asyncio.timeout(timeout):

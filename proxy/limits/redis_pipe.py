@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+from collections.abc import Awaitable
 from typing import Any, Final
 from urllib.parse import unquote
 
@@ -62,14 +63,19 @@ class RedisPipe(asyncio.Protocol):
         self._waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
 
-    async def call(self, *args: Any, timeout: float | None = None) -> Any:
-        """One command's reply (an error reply is returned as hiredis.ReplyError).
+    def call(self, *args: Any, timeout: float | None = None) -> Awaitable[Any]:
+        """One command's reply, to await (an error reply is returned as hiredis.ReplyError).
 
         Raises StorageUnavailable when Redis cannot be reached or the
         connection drops, TimeoutError when no reply came within `timeout`.
+        Connected, this is the reply's future itself: no coroutine per command.
         """
         if not self._ready:  # not connected, or still authenticating: nothing may overtake AUTH/SELECT
-            await self.connect()
+            return self._connect_and_send(args, timeout)
+        return self._send(args, timeout)
+
+    async def _connect_and_send(self, args: tuple[Any, ...], timeout: float | None) -> Any:
+        await self.connect()
         return await self._send(args, timeout)
 
     def _send(self, args: tuple[Any, ...], timeout: float | None) -> asyncio.Future[Any]:
