@@ -240,14 +240,23 @@ def summarize(targets: dict[str, Target]) -> dict[str, Any]:
     return summary
 
 
-def ratios(summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+def ratios(summary: dict[str, Any], targets: dict[str, Target]) -> dict[str, dict[str, float | None]]:
+    """A/B of the medians per metric, plus `rps_paired`: the median over rounds of
+    A/B within each round, where A and B ran seconds apart. On a shared machine
+    whose speed drifts by tens of percent within minutes, that pairing cancels
+    the drift that a ratio of medians keeps; `rps_paired_min`/`_max` show the spread."""
     out: dict[str, dict[str, float | None]] = {}
     for a, b in RATIOS:
         if a in summary and b in summary:
-            out[f"{a}/{b}"] = {
+            row: dict[str, float | None] = {
                 m: (round(summary[a][m] / summary[b][m], 3) if summary[a].get(m) and summary[b].get(m) else None)
                 for m in METRICS
             }
+            paired = [ra["rps"] / rb["rps"] for ra, rb in zip(targets[a].runs, targets[b].runs) if rb["rps"]]
+            row["rps_paired"] = round(statistics.median(paired), 3) if paired else None
+            row["rps_paired_min"] = round(min(paired), 3) if paired else None
+            row["rps_paired_max"] = round(max(paired), 3) if paired else None
+            out[f"{a}/{b}"] = row
     return out
 
 
@@ -266,11 +275,13 @@ def print_report(summary: dict[str, Any], ratio_table: dict[str, dict[str, float
               f"{_fmt(med['cpu_us_per_req'], 1):>11} {_fmt(med['cpu_percent_of_one_core'], 0):>9} "
               f"{_fmt(med.get('upstream_cpu_us_per_req'), 1):>12} {_fmt(med.get('redis_cpu_us_per_req'), 1):>12} "
               f"{_fmt(med['wrk_cpu_us_per_req'], 1):>10} {med['non_2xx_total']:>8}")
-    print("\nRatios of medians (A/B)")
-    print(f"{'A/B':<32} {'req/s':>7} {'p50':>7} {'p99':>7} {'CPU/req':>8}")
+    print("\nRatios of medians (A/B); 'paired': median over rounds of req/s A/B within the round [min-max]")
+    print(f"{'A/B':<32} {'req/s':>7} {'p50':>7} {'p99':>7} {'CPU/req':>8}   {'paired req/s':<20}")
     for name, values in ratio_table.items():
+        paired = (f"{_fmt(values['rps_paired'], 3)} [{_fmt(values['rps_paired_min'], 2)}-"
+                  f"{_fmt(values['rps_paired_max'], 2)}]")
         print(f"{name:<32} " + " ".join(f"{_fmt(values[m], 2):>7}" if m != "cpu_us_per_req"
-                                        else f"{_fmt(values[m], 2):>8}" for m in METRICS))
+                                        else f"{_fmt(values[m], 2):>8}" for m in METRICS) + f"   {paired}")
     bad = {n: (m["non_2xx_total"], m["socket_errors_total"]) for n, m in summary.items()
            if m["non_2xx_total"] or m["socket_errors_total"]}
     if bad:
@@ -387,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                           + (f"  storage errors {run['storage_errors']}" if run.get("storage_errors") else ""),
                           flush=True)
             summary = summarize(targets)
-            ratio_table = ratios(summary)
+            ratio_table = ratios(summary, targets)
             prof = None
             if args.profile and "tollgate-memory" in targets:
                 with step("py-spy profile of tollgate-memory under wrk"):
