@@ -34,9 +34,10 @@ from proxy.limits.algorithms import (
     Outcome,
     SlidingWindow,
     TokenBucket,
+    to_micros,
 )
 from proxy.limits.memory import MemoryStore
-from proxy.limits.redis import RedisStore
+from proxy.limits.redis import RedisStore, script_args
 from proxy.limits.store import Limit, StorageUnavailable
 
 PREFIX: Final = "tg-test:"
@@ -100,7 +101,7 @@ def assert_pttl(port: int, key: str, seconds: float) -> None:
 
 async def test_key_layout(make_store: StoreFactory, redis_server: RedisServer, fake_clock: FakeClock) -> None:
     store = make_store(clock=fake_clock)
-    now = round(fake_clock() * 1_000_000)
+    now = to_micros(fake_clock())
     to_fresh: dict[str, float] = {}  # the algorithm's ttl: when the state is fresh again
     for identity in IDENTITIES:
         await store.acquire(identity, FOUR, 2)
@@ -362,3 +363,10 @@ def test_the_script_names_what_it_cannot_run(redis_server: RedisServer, argv: li
     with pytest.raises(RedisReplyError, match=error):
         redis_command(redis_server.port, "EVAL", source, str(len(keys)), *keys, *argv)
     assert redis_command(redis_server.port, "EXISTS", *keys) == 0  # nothing written
+
+
+@pytest.mark.parametrize("window", [2.5e-6, 0.0000035, 1.0000005, 86400.0])
+def test_windows_reach_the_script_in_the_microseconds_the_memory_store_uses(window: float) -> None:
+    """Both stores round a window the same way, ties included, so they agree on every instant."""
+    for algorithm in (SlidingWindow(3, window), FixedWindow(3, window)):
+        assert int(script_args(algorithm)[2]) == algorithm._window_us == max(1, to_micros(window))

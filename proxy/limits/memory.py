@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from .algorithms import US, Outcome, State, check_all
-from .store import Clock, Limit, Store, to_micros, wall_clock
+from .algorithms import US, Outcome, State, check_all, to_micros
+from .store import Clock, Limit, Store, wall_clock
 
 SWEEP_CHUNK = 5_000  # entries examined between yields to the event loop
 

@@ -43,9 +43,10 @@ from .algorithms import (
     SlidingWindow,
     TokenBucket,
     new_tuple,
+    to_micros,
 )
 from .redis_pipe import RedisPipe
-from .store import Clock, Limit, StorageUnavailable, Store, to_micros
+from .store import Clock, Limit, StorageUnavailable, Store
 
 # Commands in flight at once; also each pool's size, so the pool never runs out
 # (redis-py raises rather than waits when it does). Enough to pipeline a busy
@@ -220,7 +221,7 @@ def script_args(algorithm: Algorithm) -> tuple[str, str, str]:
     """The algorithm's code and its two parameters as acquire.lua reads them.
 
     Windows go in as integer microseconds computed exactly as algorithms.py
-    does (`round(window * 1e6)`), so the script never rounds anything itself.
+    does (`to_micros`), so the script never rounds anything itself.
     """
     params: tuple[float, float]
     if isinstance(algorithm, TokenBucket):

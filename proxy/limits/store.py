@@ -12,17 +12,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .algorithms import US, Algorithm, Outcome
+from .algorithms import Algorithm, Outcome
 
 Clock = Callable[[], float]  # seconds since the Unix epoch, as time.time()
 
 
 wall_clock: Clock = time.time  # the real clock (the default); tests inject a fake
-
-
-def to_micros(seconds: float) -> int:
-    """Whole microseconds, rounded to nearest (int(), not round(): a third the cost)."""
-    return int(seconds * US + 0.5)
 
 
 @dataclass(frozen=True, slots=True)
