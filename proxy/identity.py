@@ -15,6 +15,7 @@ from typing import Final, NamedTuple
 
 from multidict import CIMultiDictProxy
 
+from .bounded import keep
 from .config import ApiKey, Config, Network, Tier, hash_key
 from .limits.algorithms import new_tuple
 
@@ -130,8 +131,5 @@ def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) ->
 
 
 def _remember(config: Config, peer: str) -> Client:
-    known = config.peer_clients
-    if len(known) >= MAX_PEER_CLIENTS:
-        known.clear()  # a flood of addresses starts the cache over: bounded, amortised O(1)
-    client = known[peer] = Client(peer, config.tiers["anonymous"], address_identity(peer))
-    return client
+    client = Client(peer, config.tiers["anonymous"], address_identity(peer))
+    return keep(config.peer_clients, peer, client, MAX_PEER_CLIENTS)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any, Final
 
+from .bounded import keep
 from .config import Tier
 from .limits.algorithms import Outcome
 
@@ -62,11 +63,7 @@ def _serialize(tier: Tier, states: tuple[tuple[int, int], ...], tight: int, key:
         f"X-RateLimit-Remaining: {remaining}\r\n"
         f"X-RateLimit-Reset: {reset}\r\n"
     ).encode("ascii")  # names passed NAME_RE, the rest are digits
-    cache = tier.header_lines
-    if len(cache) >= MAX_LINES_PER_TIER:
-        cache.clear()
-    cache[key] = lines
-    return lines
+    return keep(tier.header_lines, key, lines, MAX_LINES_PER_TIER)
 
 
 def refusing_limit(outcomes: Sequence[Outcome]) -> int:

@@ -32,7 +32,8 @@ class MemoryStore(Store):
 
     def acquire_now(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
         """`acquire` without the coroutine, for callers already on the loop."""
-        now = int(self._clock() * US + 0.5)  # to_micros, without a call on the hot path
+        # to_micros, inlined: the call was 0.3-0.5k of the limiter's 21.8k instructions (bench/instructions.py)
+        now = int(self._clock() * US + 0.5)
         tables = self._tables
         if len(limits) == 1:  # the common tier; check_all over one limit is exactly this
             limit = limits[0]

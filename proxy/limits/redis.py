@@ -34,6 +34,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
+from ..bounded import keep
 from ..config import StorageConfig, mask_url
 from .algorithms import (
     Algorithm,
@@ -186,9 +187,7 @@ class RedisStore(Store):
         cached = self._limit_args.get(id(limits))
         if cached is None or cached[0] is not limits:
             args = [arg for limit in limits for arg in script_args(limit.algorithm)]
-            if len(self._limit_args) > 1024:  # many reloads: start over
-                self._limit_args.clear()
-            cached = self._limit_args[id(limits)] = (limits, args)
+            cached = keep(self._limit_args, id(limits), (limits, args), 1024)  # 1024 tiers' worth of reloads
         return cached[1]
 
     async def _call(self, command: Callable[[], Awaitable[T]]) -> T:
