@@ -27,6 +27,7 @@ from helpers import FakeClock, RedisCluster, RedisReplyError, RedisServer, redis
 from redis.crc import key_slot
 
 from proxy.config import StorageConfig
+from proxy.limits import redis as redis_store
 from proxy.limits.algorithms import (
     Algorithm,
     FixedWindow,
@@ -295,6 +296,33 @@ async def test_concurrent_requests_admit_exactly_capacity(make_store: StoreFacto
     assert len(allowed) == 100
     assert sorted(o.remaining for o in allowed) == list(range(100))
     assert all(o.retry_after > 0 for [o] in outcomes if not o.allowed)
+
+
+async def test_packed_decisions_never_cross_clients_costs_modes_or_tiers(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the server's clock a decision's EVALSHA is packed once and sent again
+    (RedisStore._evalsha); bytes reused for another client, cost, mode or a
+    reloaded tier's limits would charge the wrong bucket by the wrong amount."""
+    monkeypatch.setattr(redis_store, "MAX_COMMANDS", 3)  # starts over every few decisions
+    store = make_store()  # no clock: Redis TIME, refill over the test ~0.001 tokens
+    tier = [limit(TokenBucket(10, 0.001), "tb")]
+
+    async def remaining(identity: str, limits: list[Limit], cost: int = 1) -> int:
+        [outcome] = await store.acquire(identity, limits, cost)
+        return outcome.remaining
+
+    assert [await remaining("k:a", tier) for _ in range(3)] == [9, 8, 7]
+    assert await remaining("k:a", tier, cost=3) == 4
+    assert await remaining("k:b", tier) == 9
+    assert [o.remaining for o in await store.peek("k:a", tier)] == [4]  # a peek charges nothing
+    assert await remaining("k:a", tier) == 3
+    assert len(store._commands) <= 3
+    # A reload's new limits may get the id() of freed old ones: the bytes kept
+    # under that id must not be sent for them.
+    reloaded = [limit(TokenBucket(20, 0.001), "tb2")]
+    store._commands[("acquire", "k:a", id(reloaded), 1)] = (tier, store._evalsha("acquire", "k:a", tier, 1))
+    assert await remaining("k:a", reloaded) == 19
 
 
 async def test_password_and_database_from_the_url(tmp_path) -> None:

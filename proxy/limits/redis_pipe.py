@@ -68,24 +68,31 @@ class RedisPipe(asyncio.Protocol):
 
         Raises StorageUnavailable when Redis cannot be reached or the
         connection drops, TimeoutError when no reply came within `timeout`.
+        """
+        return self.send(hiredis.pack_command(args), timeout)
+
+    def send(self, command: bytes, timeout: float | None = None) -> Awaitable[Any]:
+        """`call` for a command already packed (hiredis.pack_command), so a caller
+        that sends the same bytes again and again packs them once.
+
         Connected, this is the reply's future itself: no coroutine per command.
         """
         if not self._ready:  # not connected, or still authenticating: nothing may overtake AUTH/SELECT
-            return self._connect_and_send(args, timeout)
-        return self._send(args, timeout)
+            return self._connect_and_send(command, timeout)
+        return self._send(command, timeout)
 
-    async def _connect_and_send(self, args: tuple[Any, ...], timeout: float | None) -> Any:
+    async def _connect_and_send(self, command: bytes, timeout: float | None) -> Any:
         await self.connect()
-        return await self._send(args, timeout)
+        return await self._send(command, timeout)
 
-    def _send(self, args: tuple[Any, ...], timeout: float | None) -> asyncio.Future[Any]:
+    def _send(self, command: bytes, timeout: float | None) -> asyncio.Future[Any]:
         loop, transport = self._loop, self._transport
         assert loop is not None
         if transport is None or transport.is_closing():  # lost between connecting and now
             raise StorageUnavailable(f"cannot use {self._describe} (connection lost)")
         future = loop.create_future()
         deadline = NO_DEADLINE if timeout is None else loop.time() + timeout
-        transport.write(hiredis.pack_command(args))
+        transport.write(command)
         self._waiting.append((future, deadline))
         if deadline != NO_DEADLINE and self._timer is None:
             self._timer = loop.call_at(deadline, self._expire)
@@ -110,7 +117,7 @@ class RedisPipe(asyncio.Protocol):
                 else:
                     await self._loop.create_connection(lambda: self, self._host, self._port, ssl=self._ssl)
             for command in self._handshake:
-                reply = await self._send(command, self._connect_timeout)
+                reply = await self._send(hiredis.pack_command(command), self._connect_timeout)
                 if isinstance(reply, hiredis.ReplyError):
                     raise StorageUnavailable(f"{self._describe} refused {command[0]}: {reply}")
         except (OSError, TimeoutError, StorageUnavailable) as exc:
