@@ -27,7 +27,7 @@ from helpers import FakeClock, RedisCluster, RedisReplyError, RedisServer, redis
 from redis.crc import key_slot
 
 from proxy.config import StorageConfig
-from proxy.limits import redis as redis_store
+from proxy.limits import redis as redis_module
 from proxy.limits.algorithms import (
     Algorithm,
     FixedWindow,
@@ -217,6 +217,31 @@ async def test_matches_memory_store_bit_for_bit(make_store: StoreFactory, fake_c
         assert (step, got) == (step, want)
 
 
+async def test_numbers_at_the_ends_of_the_double_range_come_back_exact(
+    make_store: StoreFactory, redis_server: RedisServer, fake_clock: FakeClock,
+) -> None:
+    """Huge counts, tiny rates and long waits must agree with the memory store
+    to the bit, and a TTL past what Redis takes for PX keeps the key instead."""
+    algorithms: list[Algorithm] = [
+        TokenBucket(1e300, 3e-7),     # remaining ~1e300: far past any integer reply
+        TokenBucket(3, 1e-300),       # reset and retry_after ~1e300 s
+        TokenBucket(2**53 + 2, 0.1),  # remaining just past 2**53
+        LeakyBucket(1e-9, 1e15),      # delays of 1e9 s and more
+        SlidingWindow(1e15, 1e-6),
+    ]
+    limits = [limit(alg, f"x{i}") for i, alg in enumerate(algorithms)]
+    redis_store, memory = make_store(clock=fake_clock), MemoryStore(fake_clock)
+    for step in range(8):
+        fake_clock.advance(step * 0.37)
+        for one in limits:
+            got = await redis_store.acquire(IDENTITIES[0], [one], 2)
+            want = await memory.acquire(IDENTITIES[0], [one], 2)
+            assert (step, one.name, got) == (step, one.name, want)
+    assert (await redis_store.acquire(IDENTITIES[0], limits[:1], 1))[0].remaining > 10**299
+    assert pttl(redis_server.port, redis_store.key(IDENTITIES[0], limits[1])) == -1  # kept, no expiry
+    assert pttl(redis_server.port, redis_store.key(IDENTITIES[0], limits[2])) > 0
+
+
 async def test_killed_redis_fails_fast_then_recovers(make_store: StoreFactory, redis_server: RedisServer) -> None:
     store = make_store()
     masked = make_store(url=f"redis://:hunter2-pw@127.0.0.1:{redis_server.port}/0")
@@ -304,7 +329,7 @@ async def test_packed_decisions_never_cross_clients_costs_modes_or_tiers(
     """On the server's clock a decision's EVALSHA is packed once and sent again
     (RedisStore._evalsha); bytes reused for another client, cost, mode or a
     reloaded tier's limits would charge the wrong bucket by the wrong amount."""
-    monkeypatch.setattr(redis_store, "MAX_COMMANDS", 3)  # starts over every few decisions
+    monkeypatch.setattr(redis_module, "MAX_COMMANDS", 3)  # starts over every few decisions
     store = make_store()  # no clock: Redis TIME, refill over the test ~0.001 tokens
     tier = [limit(TokenBucket(10, 0.001), "tb")]
 

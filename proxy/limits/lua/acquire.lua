@@ -26,6 +26,7 @@ if redis.replicate_commands then
 end
 
 local US = 1000000
+local MAX_PX = 2 ^ 53  -- ms; past this a TTL is not exact as an integer and Redis may refuse it
 local EPS = 1e-9
 
 local function floor0(x)
@@ -367,7 +368,11 @@ else
   if all_allowed then
     for i = 1, #KEYS do
       local ms = math.ceil(algs[i].ttl(params[i], new_states[i], now) * 1000)
-      if ms > 0 then
+      if ms > MAX_PX then
+        -- fresh again only in 285,000 years or more (a tiny rate): Redis
+        -- refuses such a PX, and keeping the key for good is the same thing
+        redis.call('SET', KEYS[i], algs[i].encode(new_states[i]))
+      elseif ms > 0 then
         redis.call('SET', KEYS[i], algs[i].encode(new_states[i]), 'PX', string.format('%d', ms))
       else
         redis.call('DEL', KEYS[i])
