@@ -220,8 +220,9 @@ async def test_matches_memory_store_bit_for_bit(make_store: StoreFactory, fake_c
 async def test_numbers_at_the_ends_of_the_double_range_come_back_exact(
     make_store: StoreFactory, redis_server: RedisServer, fake_clock: FakeClock,
 ) -> None:
-    """Huge counts, tiny rates and long waits must agree with the memory store
-    to the bit, and a TTL past what Redis takes for PX keeps the key instead."""
+    """Numbers come back as integers (m, e) for m * 2**e: huge counts, tiny
+    rates and long waits must still agree with the memory store to the bit,
+    and a TTL past what Redis takes for PX keeps the key instead."""
     algorithms: list[Algorithm] = [
         TokenBucket(1e300, 3e-7),     # remaining ~1e300: far past any integer reply
         TokenBucket(3, 1e-300),       # reset and retry_after ~1e300 s

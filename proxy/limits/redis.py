@@ -24,6 +24,7 @@ import functools
 import hashlib
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from importlib import resources
+from math import ldexp
 from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -54,7 +55,7 @@ from .store import Clock, Limit, StorageUnavailable, Store
 # instance's decisions over a LAN round trip.
 MAX_CONNECTIONS: Final = 64
 HASH_CHARS: Final = 16
-FIELDS: Final = 5  # per limit in the script's reply: allowed, remaining, reset, retry, delay
+FIELDS: Final = 9  # per limit in the script's reply: allowed, then (m, e) of remaining, reset, retry, delay
 # Everything redis-py raises for a server that is down, hung, loading, or a
 # cluster that is reconfiguring (RedisClusterException is not a RedisError).
 REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
@@ -262,19 +263,20 @@ def script_args(algorithm: Algorithm) -> tuple[str, str, str]:
 
 
 def parse_reply(reply: object) -> list[Outcome]:
-    """The script's 5 strings per limit back into Outcomes (%.17g: exact doubles)."""
+    """The script's 9 integers per limit back into Outcomes: allowed, then each
+    number as (m, e), its exact double m * 2**e (see acquire.lua's `put_exact`)."""
     if not isinstance(reply, list) or len(reply) % FIELDS:
         raise StorageUnavailable(f"unexpected reply from acquire.lua: {reply!r:.200}")
-    return [
-        new_tuple(Outcome, (  # allowed, remaining, reset, retry_after, delay; new_tuple: see Outcome
-            reply[i] in (b"1", "1"),  # bytes unless the URL asks decode_responses
-            int(float(reply[i + 1])),
-            float(reply[i + 2]),
-            float(reply[i + 3]),
-            float(reply[i + 4]),
-        ))
-        for i in range(0, len(reply), FIELDS)
-    ]
+    outcomes = []
+    for i in range(0, len(reply), FIELDS):  # a loop: a comprehension is one more call per decision
+        outcomes.append(new_tuple(Outcome, (  # allowed, remaining, reset, retry_after, delay; see Outcome
+            reply[i] == 1,
+            int(ldexp(reply[i + 1], reply[i + 2])),
+            ldexp(reply[i + 3], reply[i + 4]),
+            ldexp(reply[i + 5], reply[i + 6]),
+            ldexp(reply[i + 7], reply[i + 8]),
+        )))
+    return outcomes
 
 
 @functools.cache

@@ -13,8 +13,9 @@
 -- ARGV[4 + 3(i-1) ..]  limit i: algorithm short code, then its two parameters
 --   tb: capacity, refill_rate   sw: limit, window_us
 --   fw: limit, window_us        lb: rate, queue
--- Returns 5 strings per limit: allowed (1/0), remaining, reset, retry_after,
--- delay, floats as %.17g so they parse back to the very same doubles.
+-- Returns 9 integers per limit: allowed (1/0), then remaining, reset,
+-- retry_after and delay, each as two integers m, e with the number = m * 2^e
+-- exactly (see `put_exact`).
 --
 -- State is a plain string per key, written only when the request is allowed,
 -- with PX = the algorithm's ttl (time until fresh again), so a key vanishes
@@ -389,13 +390,23 @@ else
   end
 end
 
-local reply = {}
-for i, o in ipairs(outcomes) do
-  local base = 5 * (i - 1)
-  reply[base + 1] = o[1] and '1' or '0'
-  reply[base + 2] = fmt(o[2])
-  reply[base + 3] = fmt(o[3])
-  reply[base + 4] = fmt(o[4])
-  reply[base + 5] = fmt(o[5])
+-- Each number goes back as m, e with x == m * 2^e exactly (math.frexp, |m| <
+-- 2^53): integer replies are the cheapest for hiredis to parse, and Python's
+-- math.ldexp rebuilds the very same double, where parsing '%.17g' text took
+-- dtoa's bignum path, 3k instructions a decision (bench/instructions.py).
+local TWO_53 = 9007199254740992
+local reply, n = {}, 0
+local function put_exact(x)
+  local m, e = math.frexp(x)
+  reply[n + 1], reply[n + 2] = m * TWO_53, e - 53
+  n = n + 2
+end
+for _, o in ipairs(outcomes) do
+  n = n + 1
+  reply[n] = o[1] and 1 or 0
+  put_exact(o[2])
+  put_exact(o[3])
+  put_exact(o[4])
+  put_exact(o[5])
 end
 return reply
