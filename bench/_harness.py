@@ -55,14 +55,27 @@ def free_port() -> int:
 # --------------------------------------------------------------------- /proc
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (its threads included), in seconds; 0 if gone."""
+def cpu_seconds(pid: int, *, kernel_only: bool = False) -> float:
+    """utime + stime of one process (its threads included), in seconds; 0 if gone.
+    `kernel_only`: stime alone, the system calls and what the kernel did inside them."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
     fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+    kernel = int(fields[12])  # fields 14 (utime) and 15 (stime) of stat(5)
+    return (kernel if kernel_only else int(fields[11]) + kernel) / CLK_TCK
+
+
+def io_syscalls(pid: int) -> int:
+    """read- plus write-type system calls so far (/proc/pid/io syscr + syscw; libuv's
+    socket reads and writes are counted, epoll and sendmsg are not); 0 if gone."""
+    try:
+        lines = Path(f"/proc/{pid}/io").read_text().splitlines()
+    except OSError:
+        return 0
+    fields = dict(line.split(": ", 1) for line in lines)
+    return int(fields["syscr"]) + int(fields["syscw"])
 
 
 def machine_busy_seconds() -> float:
@@ -146,8 +159,11 @@ class Server:
             raise BenchError(f"{self.name}: master {self.pid} has no worker processes")
         return workers
 
-    def cpu(self) -> float:
-        return sum(cpu_seconds(pid) for pid in self.measured_pids())
+    def cpu(self, *, kernel_only: bool = False) -> float:
+        return sum(cpu_seconds(pid, kernel_only=kernel_only) for pid in self.measured_pids())
+
+    def syscalls(self) -> int:
+        return sum(io_syscalls(pid) for pid in self.measured_pids())
 
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

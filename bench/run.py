@@ -190,7 +190,7 @@ def storage_errors(target: Target) -> float | None:
 
 def measure(target: Target, args: argparse.Namespace, *, duration: float) -> dict[str, Any]:
     target.server.check_alive()
-    cpu0 = target.server.cpu()
+    cpu0, kernel0, syscalls0 = target.server.cpu(), target.server.cpu(kernel_only=True), target.server.syscalls()
     others0 = {k: s.cpu() for k, s in target.others.items()}
     errors0 = storage_errors(target)
     wrk0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -201,6 +201,8 @@ def measure(target: Target, args: argparse.Namespace, *, duration: float) -> dic
     busy = machine_busy_seconds() - busy0
     wrk1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = target.server.cpu() - cpu0
+    kernel = target.server.cpu(kernel_only=True) - kernel0
+    syscalls = target.server.syscalls() - syscalls0
     others = {k: s.cpu() - others0[k] for k, s in target.others.items()}
     errors1 = storage_errors(target)
     target.server.check_alive()
@@ -213,6 +215,7 @@ def measure(target: Target, args: argparse.Namespace, *, duration: float) -> dic
         "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
         "cpu_seconds": round(cpu, 3), "cpu_us_per_req": round(cpu / n * 1e6, 2),
         "cpu_percent_of_one_core": round(100 * cpu / wall, 1),
+        "kernel_cpu_us_per_req": round(kernel / n * 1e6, 2), "io_syscalls_per_req": round(syscalls / n, 3),
         "wrk_cpu_us_per_req": round(wrk_cpu / n * 1e6, 2),
         "foreign_cpu_percent": round(100 * foreign / wall, 1),
         "non_2xx": result.non_2xx, "socket_errors": result.socket_errors,
@@ -265,14 +268,17 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def print_report(summary: dict[str, Any], ratio_table: dict[str, dict[str, float | None]], rounds: int) -> None:
-    print(f"\nMedians over {rounds} round(s); CPU is the server's own (nginx: its worker), per request")
+    print(f"\nMedians over {rounds} round(s); CPU is the server's own (nginx: its worker), per request;"
+          " 'of it sys': its kernel part; 'I/O calls': its read and write system calls")
     header = (f"{'target':<16} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} "
-              f"{'CPU %core':>9} {'upstr us/req':>12} {'redis us/req':>12} {'wrk us/req':>10} {'non-2xx':>8}")
+              f"{'of it sys':>9} {'I/O calls':>9} {'CPU %core':>9} {'upstr us/req':>12} {'redis us/req':>12} "
+              f"{'wrk us/req':>10} {'non-2xx':>8}")
     print(header)
     print("-" * len(header))
     for name, med in summary.items():
         print(f"{name:<16} {_fmt(med['rps'], 0):>10} {_fmt(med['p50_ms']):>8} {_fmt(med['p99_ms']):>8} "
-              f"{_fmt(med['cpu_us_per_req'], 1):>11} {_fmt(med['cpu_percent_of_one_core'], 0):>9} "
+              f"{_fmt(med['cpu_us_per_req'], 1):>11} {_fmt(med.get('kernel_cpu_us_per_req'), 1):>9} "
+              f"{_fmt(med.get('io_syscalls_per_req'), 2):>9} {_fmt(med['cpu_percent_of_one_core'], 0):>9} "
               f"{_fmt(med.get('upstream_cpu_us_per_req'), 1):>12} {_fmt(med.get('redis_cpu_us_per_req'), 1):>12} "
               f"{_fmt(med['wrk_cpu_us_per_req'], 1):>10} {med['non_2xx_total']:>8}")
     print("\nRatios of medians (A/B); 'paired': median over rounds of req/s A/B within the round [min-max]")
