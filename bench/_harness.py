@@ -55,16 +55,21 @@ def free_port() -> int:
 # --------------------------------------------------------------------- /proc
 
 
-def cpu_seconds(pid: int, *, kernel_only: bool = False) -> float:
-    """utime + stime of one process (its threads included), in seconds; 0 if gone.
-    `kernel_only`: stime alone, the system calls and what the kernel did inside them."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime + stime, stime) of one process (its threads included), in seconds; zeros
+    if gone. stime is the kernel's part: system calls and what the kernel did in them."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0.0
+        return 0.0, 0.0
     fields = text[text.rindex(")") + 2 :].split()
-    kernel = int(fields[12])  # fields 14 (utime) and 15 (stime) of stat(5)
-    return (kernel if kernel_only else int(fields[11]) + kernel) / CLK_TCK
+    user, kernel = int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)
+    return (user + kernel) / CLK_TCK, kernel / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (its threads included), in seconds; 0 if gone."""
+    return cpu_times(pid)[0]
 
 
 def io_syscalls(pid: int) -> int:
@@ -159,11 +164,14 @@ class Server:
             raise BenchError(f"{self.name}: master {self.pid} has no worker processes")
         return workers
 
-    def cpu(self, *, kernel_only: bool = False) -> float:
-        return sum(cpu_seconds(pid, kernel_only=kernel_only) for pid in self.measured_pids())
+    def cpu(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.measured_pids())
 
-    def syscalls(self) -> int:
-        return sum(io_syscalls(pid) for pid in self.measured_pids())
+    def usage(self) -> tuple[float, float, int]:
+        """CPU seconds, the kernel's part of them, and read/write system calls so far."""
+        pids = self.measured_pids()
+        times = [cpu_times(pid) for pid in pids]
+        return sum(t[0] for t in times), sum(t[1] for t in times), sum(io_syscalls(pid) for pid in pids)
 
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

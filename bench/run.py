@@ -190,7 +190,7 @@ def storage_errors(target: Target) -> float | None:
 
 def measure(target: Target, args: argparse.Namespace, *, duration: float) -> dict[str, Any]:
     target.server.check_alive()
-    cpu0, kernel0, syscalls0 = target.server.cpu(), target.server.cpu(kernel_only=True), target.server.syscalls()
+    cpu0, kernel0, syscalls0 = target.server.usage()
     others0 = {k: s.cpu() for k, s in target.others.items()}
     errors0 = storage_errors(target)
     wrk0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -200,9 +200,8 @@ def measure(target: Target, args: argparse.Namespace, *, duration: float) -> dic
     wall = time.monotonic() - started
     busy = machine_busy_seconds() - busy0
     wrk1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = target.server.cpu() - cpu0
-    kernel = target.server.cpu(kernel_only=True) - kernel0
-    syscalls = target.server.syscalls() - syscalls0
+    cpu1, kernel1, syscalls1 = target.server.usage()
+    cpu, kernel, syscalls = cpu1 - cpu0, kernel1 - kernel0, syscalls1 - syscalls0
     others = {k: s.cpu() - others0[k] for k, s in target.others.items()}
     errors1 = storage_errors(target)
     target.server.check_alive()

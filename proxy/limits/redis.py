@@ -200,15 +200,17 @@ class RedisStore(Store):
         arguments and the bytes was 20k of a request's 360k instructions
         (bench/instructions.py).
         """
+        if self._clock is not None:  # the time is an argument: new bytes every call
+            return self._pack(mode, identity, limits, cost)
         slot = (mode, identity, id(limits), cost)
-        cached = self._commands.get(slot) if self._clock is None else None
-        if cached is not None and cached[0] is limits:  # not an id() reused after a reload
-            return cached[1]
+        cached = self._commands.get(slot)
+        if cached is None or cached[0] is not limits:  # id() reused after a reload: not ours
+            cached = keep(self._commands, slot, (limits, self._pack(mode, identity, limits, cost)), MAX_COMMANDS)
+        return cached[1]
+
+    def _pack(self, mode: str, identity: str, limits: Sequence[Limit], cost: int) -> bytes:
         keys, args = self._keys_and_args(mode, identity, limits, cost)
-        packed = hiredis.pack_command(("EVALSHA", self._script.sha, len(keys), *keys, *args))
-        if self._clock is None:  # with a clock, the time is an argument: new bytes every call
-            keep(self._commands, slot, (limits, packed), MAX_COMMANDS)
-        return packed
+        return hiredis.pack_command(("EVALSHA", self._script.sha, len(keys), *keys, *args))
 
     def _args_of(self, limits: Sequence[Limit]) -> list[str]:
         """The script's per-limit arguments, built once per tier's limits."""
