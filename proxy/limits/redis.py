@@ -31,9 +31,9 @@ from urllib.parse import unquote, urlsplit
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
-from redis.retry import Retry
 
 from ..bounded import keep
 from ..config import StorageConfig, mask_url
