@@ -65,6 +65,8 @@ class UpstreamConfig:
     connect_timeout: float = 2.0
     timeout: float = 30.0
     preserve_host: bool = False
+    read_timeout: float | None = None  # silence allowed mid-body; None: the same as timeout
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +385,8 @@ def _read_sections(ck: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
         "url": lambda p, v, d: _url(ck, p, v, d, ("http", "https")),
         "start_mock": ck.boolean, "preserve_host": ck.boolean,
         "connect_timeout": _positive(ck), "timeout": _positive(ck),
+        "read_timeout": _positive(ck, nullable=True),
+        "max_connections": _positive(ck, minimum=1, exclusive=False, integer=True),
     })
     storage = _section(ck, raw, "storage", StorageConfig, {
         "backend": lambda p, v, d: ck.choice(p, v, d, ("memory", "redis")),

@@ -21,7 +21,7 @@ from yarl import URL
 
 from . import responses
 from .problems import problem
-from .upstream import ConnectFailed, ConnectTimeout, Pool, Response, UpstreamError, UpstreamTimeout
+from .upstream import ConnectFailed, ConnectTimeout, Pool, Response, UpstreamBusy, UpstreamError, UpstreamTimeout
 
 HOP_BY_HOP: Final = frozenset(
     h.lower().encode()
@@ -76,10 +76,13 @@ class Upstream:
     timeout: float
     connect_timeout: float
     max_body_size: int | None
+    read_timeout: float | None = None  # None: the same as timeout
+    max_connections: int = 1024
 
     @classmethod
     def from_url(cls, url: str, *, preserve_host: bool, timeout: float, connect_timeout: float,
-                 max_body_size: int | None) -> Upstream:
+                 max_body_size: int | None, read_timeout: float | None = None,
+                 max_connections: int = 1024) -> Upstream:
         parsed = URL(url)
         assert parsed.host is not None and parsed.port is not None
         host_header = parsed.origin().raw_authority.encode("idna")
@@ -87,7 +90,7 @@ class Upstream:
             base_path=parsed.raw_path.rstrip("/"), host=parsed.host, port=parsed.port,
             host_header=host_header, host_line=b"Host: %s\r\n" % host_header, tls=parsed.scheme == "https",
             preserve_host=preserve_host, timeout=timeout, connect_timeout=connect_timeout,
-            max_body_size=max_body_size,
+            max_body_size=max_body_size, read_timeout=read_timeout, max_connections=max_connections,
         )
 
     def pool(self) -> Pool:
@@ -95,12 +98,14 @@ class Upstream:
         # Idle connections are closed after 30 s: before a typical upstream's own
         # keep-alive timeout (aiohttp 75 s, nginx 75 s), so the race is rare.
         return Pool(self.host, self.port, ssl_context=ssl.create_default_context() if self.tls else None,
-                    connect_timeout=self.connect_timeout, timeout=self.timeout, keepalive=30.0)
+                    connect_timeout=self.connect_timeout, timeout=self.timeout, read_timeout=self.read_timeout,
+                    keepalive=30.0, max_connections=self.max_connections)
 
     def same_origin(self, other: Upstream) -> bool:
         """Can `other` reuse this one's pool?"""
-        return (self.host, self.port, self.tls, self.timeout, self.connect_timeout) == (
-            other.host, other.port, other.tls, other.timeout, other.connect_timeout)
+        return (self.host, self.port, self.tls, self.timeout, self.connect_timeout, self.read_timeout,
+                self.max_connections) == (other.host, other.port, other.tls, other.timeout, other.connect_timeout,
+                                          other.read_timeout, other.max_connections)
 
 
 def _connection_named(value: bytes) -> set[bytes]:
@@ -190,6 +195,9 @@ def upstream_failure(exc: UpstreamError, upstream: Upstream) -> web.Response:
                        f"{upstream.connect_timeout:g}s.")
     if isinstance(exc, UpstreamTimeout):
         return problem(504, "gateway_timeout", f"The upstream sent no response within {upstream.timeout:g}s.")
+    if isinstance(exc, UpstreamBusy):
+        return problem(503, "upstream_busy", f"All {upstream.max_connections} upstream connections stayed busy "
+                       f"for {upstream.connect_timeout:g}s; try again shortly.")
     if isinstance(exc, ConnectFailed):
         return problem(502, "bad_gateway", "The upstream refused the connection or is unreachable.")
     return problem(502, "bad_gateway", "The upstream closed the connection without a valid response.")

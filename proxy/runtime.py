@@ -26,7 +26,7 @@ def upstream_of(config: Config) -> Upstream:
     u = config.upstream
     return Upstream.from_url(
         u.url, preserve_host=u.preserve_host, timeout=u.timeout, connect_timeout=u.connect_timeout,
-        max_body_size=config.server.max_body_size,
+        max_body_size=config.server.max_body_size, read_timeout=u.read_timeout, max_connections=u.max_connections,
     )
 
 
