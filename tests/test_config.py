@@ -94,6 +94,15 @@ CASES = [
          "upstream.connect_timeout: must be a number > 0, got 0"),
     case("upstream.timeout", "upstream: {timeout: -1}", "upstream.timeout: must be a number > 0, got -1"),
     case("upstream.timeout-bool", "upstream: {timeout: yes}", "upstream.timeout: must be a number > 0, got true"),
+    case("upstream.read_timeout", "upstream: {read_timeout: 0}", "upstream.read_timeout: must be a number > 0, got 0"),
+    case("upstream.read_timeout-text", "upstream: {read_timeout: fast}",
+         'upstream.read_timeout: must be a number > 0 or null, got "fast"'),
+    case("upstream.max_connections", "upstream: {max_connections: 0}",
+         "upstream.max_connections: must be an integer >= 1, got 0"),
+    case("upstream.max_connections-float", "upstream: {max_connections: 2.5}",
+         "upstream.max_connections: must be an integer >= 1, got 2.5"),
+    case("upstream.max_connections-null", "upstream: {max_connections: null}",
+         "upstream.max_connections: must be an integer >= 1, got null"),
     case("upstream.preserve_host", "upstream: {preserve_host: maybe}",
          'upstream.preserve_host: must be true or false, got "maybe"'),
     # --- storage --------------------------------------------------------------
@@ -457,7 +466,7 @@ def test_defaults_are_specs() -> None:
                                       keepalive_timeout=75)
     assert cfg.admin == AdminConfig(host="127.0.0.1", port=8081, token=None)
     assert cfg.upstream == UpstreamConfig(url="http://127.0.0.1:9000", start_mock=True, connect_timeout=2,
-                                          timeout=30, preserve_host=False)
+                                          timeout=30, preserve_host=False, read_timeout=None, max_connections=1024)
     assert cfg.storage == StorageConfig(backend="memory", url="redis://127.0.0.1:6379/0", cluster=False,
                                         key_prefix="tollgate:", timeout=0.05, on_error="allow")
     assert cfg.clients == ClientsConfig(api_key_header="X-API-Key", unknown_key="reject", require_key=False,
