@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from harness import Tollgate, running
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from proxy.upstream import Pool, UpstreamError
 
@@ -436,3 +438,180 @@ async def test_101_to_a_request_without_upgrade_is_a_protocol_error():
         with pytest.raises(UpstreamError, match="101"):
             await pool.request(UPGRADE_HEAD, method="GET")
         await wait_for(lambda: not pool._all)
+
+
+# --- differential: random tagged answers, many clients, one small pool ------------
+
+HEAD_FAULTS = ("dup-length", "conflicting-length", "length-and-chunked", "xchunked", "chunked-gzip", "garbage",
+               "cut-head")
+BODY_FAULTS = ("cut-fin", "cut-rst")
+FAULTS = (None, None, None, None, "extra", "connection-close", *BODY_FAULTS, *HEAD_FAULTS)
+TOKEN = st.text("abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=12)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One scripted answer, before it is tagged and cut into packets."""
+
+    method: str
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    framing: str
+    body_size: int
+    chunks: tuple[int, ...]
+    extensions: bool
+    trailers: bool
+    interim: tuple[int, ...]
+    fault: str | None
+    cut_at: float
+    packets: tuple[float, ...]
+
+
+SPECS = st.builds(
+    Spec,
+    method=st.sampled_from(["GET", "GET", "GET", "HEAD"]),
+    status=st.sampled_from([200, 200, 201, 204, 304, 404, 500]),
+    headers=st.dictionaries(TOKEN.map(lambda t: "x-h-" + t), TOKEN, max_size=4).map(lambda d: tuple(d.items())),
+    framing=st.sampled_from(["length", "chunked", "close"]),
+    body_size=st.sampled_from([0, 1, 7, 100, 1000, 5000]),
+    chunks=st.lists(st.integers(1, 900), min_size=1, max_size=5).map(tuple),
+    extensions=st.booleans(),
+    trailers=st.booleans(),
+    interim=st.lists(st.sampled_from([100, 103]), max_size=2).map(tuple),
+    fault=st.sampled_from(FAULTS),
+    cut_at=st.floats(0, 0.999),
+    packets=st.lists(st.floats(0, 1), max_size=4).map(tuple),
+)
+
+
+def chunk_encode(body: bytes, sizes: tuple[int, ...], extensions: bool) -> bytes:
+    out, i, n = [], 0, 0
+    while i < len(body):
+        size = sizes[n % len(sizes)]
+        out.append(b"%x%s\r\n%s\r\n" % (min(size, len(body) - i), b";e=1;f" if extensions else b"",
+                                         body[i:i + size]))
+        i, n = i + size, n + 1
+    return b"".join(out)
+
+
+def script_for(spec: Spec, tag: bytes, stray: bytes) -> tuple[list[Step], Outcome]:
+    """The steps that answer `spec` tagged `tag`, and what its client must see."""
+    body = (tag + b"/") * (spec.body_size // (len(tag) + 1) + 1)
+    body = body[:spec.body_size]
+    bodiless = spec.method == "HEAD" or spec.status in (204, 304)
+    fault = spec.fault
+    if fault in BODY_FAULTS and (bodiless or (spec.framing == "close" and fault == "cut-fin")
+                                 or (spec.framing == "length" and not body)):
+        fault = None  # nothing to cut
+    if fault == "extra" and not bodiless and spec.framing == "close":
+        fault = None  # everything before the close is the body
+    lines = [b"HTTP/1.1 %d Reason" % spec.status, b"X-Tag: " + tag]
+    lines += [b"%s: %s" % (name.encode(), value.encode()) for name, value in spec.headers]
+    framing = "none" if spec.status in (204, 304) else spec.framing
+    if framing == "length" or fault in ("dup-length", "conflicting-length", "length-and-chunked"):
+        lines.append(b"Content-Length: %d" % len(body))
+    if fault == "dup-length":
+        lines.append(b"Content-Length: %d" % len(body))
+    if fault == "conflicting-length":
+        lines.append(b"Content-Length: %d" % (len(body) + 1))
+    if framing == "chunked" or fault == "length-and-chunked":
+        lines.append(b"Transfer-Encoding: chunked")
+    if fault in ("xchunked", "chunked-gzip"):
+        lines.append(b"Transfer-Encoding: " + (b"xchunked" if fault == "xchunked" else b"chunked, gzip"))
+    closing = framing == "close" or fault == "connection-close"
+    if closing:
+        lines.append(b"Connection: close")
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
+    if fault == "garbage":
+        head = b"HTTP/1.1 2OO OK\r\n" + head
+    interim = b"".join(b"HTTP/1.1 %d Interim\r\nLink: </x>\r\n\r\n" % code for code in spec.interim)
+    wire = b""
+    if not bodiless:
+        wire = body
+        if framing == "chunked" or fault in ("length-and-chunked", "chunked-gzip"):
+            wire = chunk_encode(body, spec.chunks, spec.extensions)
+            if fault not in BODY_FAULTS:
+                wire += b"0\r\n" + (b"X-Trailer: " + tag + b"\r\n" if spec.trailers else b"") + b"\r\n"
+    data = interim + head + wire
+    end: str | None = FIN if closing or fault == "cut-fin" else None
+    if fault in BODY_FAULTS:
+        data = interim + head + wire[:int(spec.cut_at * len(wire))]
+        end = FIN if fault == "cut-fin" else RST
+    if fault == "cut-head":
+        data = interim + head[:int(spec.cut_at * (len(head) - 4)) + 1]
+        end = FIN
+    if fault in HEAD_FAULTS and not bodiless and framing == "close":
+        end = FIN
+    cuts = sorted({int(p * len(data)) for p in spec.packets} - {0, len(data)})
+    steps: list[Step] = []
+    for start, stop in zip([0, *cuts], [*cuts, len(data)]):
+        steps += [data[start:stop], 0.0]
+    if fault == "extra":
+        steps[-2] += stray  # in the same write as the answer's last bytes
+    if end is not None:
+        steps.append(end)
+    if fault in HEAD_FAULTS:
+        return steps, Outcome(502)
+    if fault in BODY_FAULTS:
+        return steps, Outcome(spec.status, cut=True)
+    headers = {"X-Tag": tag.decode(), **{name: value for name, value in spec.headers}}
+    return steps, Outcome(spec.status, headers, b"" if bodiless else body)
+
+
+def assert_pool_consistent(pool: Pool) -> None:
+    idle = pool._idle
+    assert len(set(idle)) == len(idle), "a connection is idle twice"
+    assert set(idle) <= pool._all
+    assert pool.in_use == 0 and pool._connecting == 0 and not pool._waiters
+    for conn in pool._all:
+        assert conn.current is None and conn.tunnel is None and not conn.closed, "busy and idle at once"
+
+
+async def run_batch(tg: Tollgate, scripts: dict[bytes, Sequence[Step]], number: int, batch: list[Spec]) -> None:
+    tags = [b"%d-%d" % (number, i) for i in range(len(batch))]
+    expected = {}
+    for i, spec in enumerate(batch):
+        stray = ok(tags[(i + 1) % len(tags)])
+        scripts[b"/t/" + tags[i]], expected[tags[i]] = script_for(spec, tags[i], stray)
+    outcomes = await asyncio.gather(*(fetch(tg, "/t/" + tag.decode(), spec.method)
+                                      for tag, spec in zip(tags, batch)))
+    for tag, outcome in zip(tags, outcomes):
+        want = expected[tag]
+        assert (outcome.status, outcome.cut) == (want.status, want.cut), (tag, outcome)
+        if want.status == 502:
+            assert outcome.headers["Content-Type"].startswith("application/problem+json")
+        elif not want.cut:
+            assert outcome.body == want.body, tag
+            for name, value in want.headers.items():
+                assert outcome.headers.get(name) == value, (tag, name)
+        assert "X-Trailer" not in outcome.headers
+    pool = tg.runtime.pool
+    await wait_for(lambda: pool.in_use == 0)
+    assert_pool_consistent(pool)
+    for tag in tags:
+        del scripts[b"/t/" + tag]
+
+
+def test_differential_each_client_gets_its_own_answer_or_a_closed_connection():
+    """2,000 random batches of tagged answers (some broken, cut into random packets)
+    for up to six clients at once through one Tollgate whose pool holds at most four
+    connections: every client gets exactly its own answer, a 502, or a cut body."""
+    scripts: dict[bytes, Sequence[Step]] = {}
+    loop = asyncio.new_event_loop()
+    stack = contextlib.AsyncExitStack()
+    numbers = iter(range(10**9))
+    try:
+        _, url = loop.run_until_complete(stack.enter_async_context(scripted(lambda path: scripts[path])))
+        tg = loop.run_until_complete(stack.enter_async_context(
+            running(config(max_connections=4, connect_timeout=5), url)))
+
+        @settings(max_examples=2000, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate, Phase.shrink])
+        @given(st.lists(SPECS, min_size=1, max_size=6))
+        def check(batch: list[Spec]) -> None:
+            loop.run_until_complete(run_batch(tg, scripts, next(numbers), batch))
+
+        check()
+    finally:
+        loop.run_until_complete(stack.aclose())
+        loop.close()
