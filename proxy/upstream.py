@@ -393,12 +393,10 @@ class _Exchange:
     def _switch(self, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         if not self.upgrade:
             raise UpstreamError("101 Switching Protocols to a request that asked for no upgrade")
-        self.phase = _UPGRADED
+        self.phase = _UPGRADED  # handed to the caller once llhttp has confirmed it (`_Connection._become_tunnel`)
         response = Response(101, reason, headers, None, None, Tunnel(self.conn))
         response._done = True
         self.response = response
-        if not self.head.done():
-            self.head.set_result(response)
 
     @staticmethod
     def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bool]:
@@ -644,13 +642,18 @@ class _Connection(asyncio.Protocol):
 
     def _become_tunnel(self, exchange: _Exchange, rest: bytes) -> None:
         self._take_current()
-        assert exchange.response is not None and exchange.response.tunnel is not None
-        self.tunnel = exchange.response.tunnel
+        response = exchange.response
+        assert response is not None and response.tunnel is not None
+        self.tunnel = response.tunnel
         if self._timer is not None:  # no timeout applies to a tunnel's silence
             self._timer.cancel()
             self._timer = None
         if rest:
             self.tunnel._feed(rest)
+        if not exchange.head.done():
+            exchange.head.set_result(response)
+        else:  # the request was given up meanwhile
+            self.close()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

@@ -440,6 +440,19 @@ async def test_101_to_a_request_without_upgrade_is_a_protocol_error():
         await wait_for(lambda: not pool._all)
 
 
+async def test_101_without_connection_upgrade_is_a_protocol_error():
+    """RFC 9110 §7.8: a 101 names "upgrade" in Connection; llhttp gives no offset without it."""
+    answer = [SWITCH.replace(b"Connection: Upgrade\r\n", b"") + b"early"]
+    async with scripted(router(answer)) as (_, url):
+        pool = Pool("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=2, connect_timeout=1)
+        try:
+            with pytest.raises(UpstreamError, match="101"):
+                await pool.request(UPGRADE_HEAD, method="GET", upgrade=True)
+            await wait_for(lambda: not pool._all)
+        finally:
+            await pool.close()
+
+
 # --- differential: random tagged answers, many clients, one small pool ------------
 
 HEAD_FAULTS = ("dup-length", "conflicting-length", "length-and-chunked", "xchunked", "chunked-gzip", "garbage",
