@@ -255,7 +255,7 @@ class _Exchange:
     def __init__(self, conn: _Connection, *, head_only: bool, upgrade: bool, reused: bool, body_sent: bool,
                  deadline: float) -> None:
         self.conn = conn
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = httptools.HttpResponseParser(self)  # dropped when the exchange ends: see _take_current
         self.head: asyncio.Future[Response] = conn.loop.create_future()
         self.response: Response | None = None
         self.phase = _HEAD
@@ -316,22 +316,19 @@ class _Exchange:
             raise _Trailing
 
     def on_status(self, status: bytes) -> None:
-        self.status_text.append(status)
-        if sum(map(len, self.status_text)) > MAX_LINE - 13:  # "HTTP/1.1 200 " and CRLF
-            raise UpstreamError(f"the upstream's status line exceeds {MAX_LINE} bytes")
+        text = self.status_text
+        text.append(status)
+        if len(status) > MAX_LINE - 13 or (len(text) > 1 and sum(map(len, text)) > MAX_LINE - 13):
+            raise UpstreamError(f"the upstream's status line exceeds {MAX_LINE} bytes")  # "HTTP/1.1 200 ", CRLF
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) > MAX_LINE - 4:  # ": " and CRLF
-            raise UpstreamError(f"an upstream header line exceeds {MAX_LINE} bytes")
         if self.phase == _HEAD:
-            self.headers.append((name, value))
-            if len(self.headers) > MAX_FIELDS:
-                raise UpstreamError(f"the upstream sent more than {MAX_FIELDS} header fields")
+            self.headers.append((name, value))  # lines and fields are counted in _framing, once per head
             return
-        # A trailer field: dropped (the client's framing is Tollgate's), but bounded.
+        # A trailer field: dropped (the client's framing is Tollgate's), but bounded like a head's.
         self.trailer_fields += 1
-        if self.trailer_fields > MAX_FIELDS:
-            raise UpstreamError(f"the upstream sent more than {MAX_FIELDS} trailer fields")
+        if self.trailer_fields > MAX_FIELDS or len(name) + len(value) > MAX_LINE - 4:
+            raise UpstreamError("the upstream's trailer fields exceed the head limits")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -400,7 +397,8 @@ class _Exchange:
 
     @staticmethod
     def _framing(headers: list[tuple[bytes, bytes]]) -> tuple[bytes | None, bool]:
-        """The Content-Length that frames the body (None if none does), and whether it is chunked.
+        """The Content-Length that frames the body (None if none does), and whether it is
+        chunked; and the head's limits on lines and fields (its size is bounded in `feed`).
 
         Only framings on which llhttp and this function provably agree pass
         (RFC 9112 §6.3): one Content-Length of digits; Transfer-Encoding that is
@@ -409,9 +407,13 @@ class _Exchange:
         sign), and codings Tollgate cannot remove (`gzip`, `chunked, gzip`,
         `xchunked`; nginx refuses them as well).
         """
+        if len(headers) > MAX_FIELDS:
+            raise UpstreamError(f"the upstream sent more than {MAX_FIELDS} header fields")
         lengths: list[bytes] = []
         codings: list[bytes] = []
         for name, value in headers:
+            if len(name) + len(value) > MAX_LINE - 4:  # ": " and CRLF
+                raise UpstreamError(f"an upstream header line exceeds {MAX_LINE} bytes")
             lname = name.lower()
             if lname == b"content-length":
                 lengths.append(value.strip(b" \t"))
@@ -613,8 +615,14 @@ class _Connection(asyncio.Protocol):
             self.abandon(exchange)
 
     def _take_current(self) -> _Exchange | None:
-        """The exchange ends here; the only place that clears `current`."""
+        """The exchange ends here; the only place that clears `current`.
+
+        Its parser goes with it: an ended exchange parses nothing more, and the
+        parser-exchange reference cycle is broken (no garbage collector per request).
+        """
         exchange, self.current = self.current, None
+        if exchange is not None:
+            del exchange.parser
         return exchange
 
     def _end(self, exchange: _Exchange) -> None:
