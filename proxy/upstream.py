@@ -338,6 +338,7 @@ class _Exchange:
             self._switch(reason, headers)
         elif status < 200:  # 100 Continue, 103 Early Hints: interim, the real answer follows
             self.interim = True
+            self._bounded(headers)
         else:
             self._answer(status, reason, headers)
 
@@ -381,6 +382,7 @@ class _Exchange:
             response._finish()
         else:
             self.phase = _BODY
+            self.progressed = True  # the head counts as progress for the bound on chunk framing
             self.length = None if length is None else int(length)
             self.until_close = length is None and not chunked
             self.conn.reading_body()
@@ -433,6 +435,12 @@ class _Exchange:
         if not lengths[0].isdigit():
             raise UpstreamError(f"the upstream sent an invalid Content-Length {lengths[0]!r}")
         return lengths[0], False
+
+    @staticmethod
+    def _bounded(headers: list[tuple[bytes, bytes]]) -> None:
+        """The limits `_framing` checks, for an interim head."""
+        if len(headers) > MAX_FIELDS or any(len(name) + len(value) > MAX_LINE - 4 for name, value in headers):
+            raise UpstreamError("the upstream's interim head exceeds the head limits")
 
     # -- ending
     def fail(self, error: UpstreamError) -> None:

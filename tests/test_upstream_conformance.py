@@ -218,6 +218,11 @@ CASES: dict[str, tuple[list[Step], str, Outcome]] = {
                             BAD_GATEWAY),
     "over-100-fields": ([head_with(*(b"X-%d: 1" % i for i in range(101)), b"Content-Length: 0")], "GET",
                         BAD_GATEWAY),
+    "interim-over-100-fields": ([head_with(*(b"Link: </%d>" % i for i in range(101)), status=b"103 Early Hints")
+                                 + OK5], "GET", BAD_GATEWAY),
+    "trailers-over-100-fields": ([head_with(b"Transfer-Encoding: chunked") + b"5\r\nhello\r\n0\r\n"
+                                  + b"".join(b"X-T%d: 1\r\n" % i for i in range(101)) + b"\r\n"], "GET",
+                                 Outcome(200, cut=True)),
     "head-over-64k": ([head_with(*(b"X-%d: " % i + b"v" * 800 for i in range(90)), b"Content-Length: 0")], "GET",
                       BAD_GATEWAY),
 }
@@ -274,6 +279,17 @@ async def test_endless_head_is_502_and_read_no_further():
         outcome = await fetch(tg, "/case")
         assert outcome.status == 502
         await wait_for(lambda: upstream.writers[0].is_closing(), timeout=5)
+        await others_are_served(tg)
+    assert upstream.sent < 16 * 2**20
+
+
+async def test_endless_chunk_extension_cuts_the_body_and_is_read_no_further():
+    """Chunk framing without a body byte (an extension, trailers) is bounded like a head."""
+    endless: list[Step] = [head_with(b"Transfer-Encoding: chunked") + b"5;ext="]
+    endless += [b"x" * 16384, 0.0] * 1024  # up to 16 MiB
+    async with scripted(router(endless)) as (upstream, url), running(config(timeout=5), url) as tg:
+        outcome = await fetch(tg, "/case", timeout=4)
+        assert (outcome.status, outcome.cut) == (200, True)
         await others_are_served(tg)
     assert upstream.sent < 16 * 2**20
 
