@@ -629,6 +629,7 @@ def test_differential_each_client_gets_its_own_answer_or_a_closed_connection():
     loop = asyncio.new_event_loop()
     stack = contextlib.AsyncExitStack()
     numbers = iter(range(10**9))
+    generated = []
     try:
         _, url = loop.run_until_complete(stack.enter_async_context(scripted(lambda path: scripts[path])))
         tg = loop.run_until_complete(stack.enter_async_context(
@@ -638,9 +639,11 @@ def test_differential_each_client_gets_its_own_answer_or_a_closed_connection():
                   suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate, Phase.shrink])
         @given(st.lists(SPECS, min_size=1, max_size=6))
         def check(batch: list[Spec]) -> None:
+            generated.append(len(batch))
             loop.run_until_complete(run_batch(tg, scripts, next(numbers), batch))
 
         check()
+        assert len(generated) >= 2000 and sum(generated) >= 6000
     finally:
         loop.run_until_complete(stack.aclose())
         loop.close()
