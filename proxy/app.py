@@ -45,8 +45,15 @@ def build_proxy_app(runtime: Runtime) -> web.Application:
     app[SERVE] = functools.partial(handle, runtime)  # every method and path, no router
     app.cleanup_ctx.append(_upstream_pool)
     app.cleanup_ctx.append(_memory_sweeper)
+    app.on_shutdown.append(_close_tunnels)
     app.on_cleanup.append(_close_access_log)
     return app
+
+
+async def _close_tunnels(app: web.Application) -> None:
+    """Upgraded connections never finish on their own: close them when the
+    listener closes, so they do not hold the drain to server.shutdown_timeout."""
+    app[RUNTIME].tunnels.close_all()
 
 
 async def _close_access_log(app: web.Application) -> None:

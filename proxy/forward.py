@@ -21,6 +21,7 @@ from yarl import URL
 
 from . import responses
 from .problems import problem
+from .tunnel import ClientStream, Upgraded
 from .upstream import ConnectFailed, ConnectTimeout, Pool, Response, UpstreamError, UpstreamTimeout
 
 HOP_BY_HOP: Final = frozenset(
@@ -36,6 +37,9 @@ HOP_BY_HOP: Final = frozenset(
 REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"expect", b"content-length", b"x-forwarded-for",
                                     b"x-forwarded-proto", b"x-forwarded-host"}
 RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
+# A 101's Upgrade and Connection say what the connection switched to: they go to the client as sent.
+SWITCH_SKIP: Final = RESPONSE_SKIP - {b"connection", b"upgrade"}
+CONNECTION_UPGRADE: Final = b"Connection: upgrade\r\n"
 PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})  # Connection values naming no other header
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 FORWARDED_PROTO_HTTP: Final = b"X-Forwarded-Proto: http\r\n"
@@ -108,9 +112,21 @@ def _connection_named(value: bytes) -> set[bytes]:
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 
-def request_head(request: web.BaseRequest, upstream: Upstream, target: bytes) -> tuple[bytes, bool]:
+def is_upgrade(request: web.BaseRequest) -> bool:
+    """Does the client ask to switch protocols (RFC 9110 §7.8: HTTP/1.1, an
+    Upgrade header and the "upgrade" token in Connection)?"""
+    headers = request.headers
+    if "Upgrade" not in headers or request.version != HttpVersion11:
+        return False
+    return any(b"upgrade" in _connection_named(value.encode("latin-1"))
+               for value in headers.getall("Connection", ()))
+
+
+def request_head(request: web.BaseRequest, upstream: Upstream, target: bytes, *,
+                 upgrade: bool = False) -> tuple[bytes, bool]:
     """The request head to send upstream (end-to-end headers plus X-Forwarded-*),
-    and whether its body goes chunked."""
+    and whether its body goes chunked. An `upgrade` request keeps its Upgrade
+    headers and says `Connection: upgrade`."""
     lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode("ascii"), target)]
     host = forwarded_for = None
     named: set[bytes] | None = None
@@ -130,8 +146,13 @@ def request_head(request: web.BaseRequest, upstream: Upstream, target: bytes) ->
                 length = value
             elif lname == b"transfer-encoding":
                 chunked = True
+            elif lname == b"upgrade" and upgrade:
+                lines.append(b"%s: %s\r\n" % (name, value))
             continue
         lines.append(b"%s: %s\r\n" % (name, value))
+    if upgrade:
+        named = (named or set()) - {b"upgrade"}
+        lines.append(CONNECTION_UPGRADE)
     if named:  # rare: drop what Connection named, keeping order
         lines = [lines[0]] + [line for line in lines[1:] if line.split(b":", 1)[0].lower() not in named]
     peer = (request.remote or "").encode("ascii")
@@ -212,14 +233,17 @@ async def forward(
     UpstreamBroken after, and UpstreamError for `upstream_failure` to map.
     """
     send_continue = wants_continue(request)
-    head, chunked = request_head(request, upstream, upstream_target(request, upstream))
+    upgrade = is_upgrade(request)
+    head, chunked = request_head(request, upstream, upstream_target(request, upstream), upgrade=upgrade)
     body = _client_body(request, upstream.max_body_size, send_continue) if request.body_exists else None
     try:
-        answer = await pool.request(head, body, method=request.method, chunked=chunked)
+        answer = await pool.request(head, body, method=request.method, chunked=chunked, upgrade=upgrade)
     except UpstreamError:
         if request.transport is None or request.transport.is_closing():
             raise ClientGone from None
         raise
+    if answer.tunnel is not None:
+        return await _switch(request, answer, lines)
     try:
         return await _relay(request, answer, lines)
     finally:
@@ -251,6 +275,27 @@ async def _relay(request: web.BaseRequest, answer: Response, lines: bytes) -> we
         return response  # the client went away; aiohttp drops the connection quietly
     except UpstreamError as exc:
         raise UpstreamBroken(response, str(exc) or type(exc).__name__) from exc
+    return response
+
+
+async def _switch(request: web.BaseRequest, answer: Response, lines: bytes) -> Upgraded:
+    """The upstream accepted the upgrade: its 101 goes to the client, and from
+    then on the client's bytes are the tunnel's (`proxy.tunnel` runs it)."""
+    tunnel = answer.tunnel
+    assert tunnel is not None
+    headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in answer.headers
+               if name.lower() not in SWITCH_SKIP]
+    client = ClientStream(request)
+    response = Upgraded(reason=answer.reason or None, headers=headers, tunnel=tunnel, client=client)
+    response.lines = lines
+    try:
+        client.attach(request)  # before the 101 leaves: the client may answer it at once
+        await response.prepare(request)
+    except BaseException as exc:
+        tunnel.close()
+        if isinstance(exc, ConnectionError):
+            raise ClientGone from exc
+        raise
     return response
 
 
