@@ -20,6 +20,7 @@ from aiohttp import HttpVersion11, web
 from yarl import URL
 
 from . import responses
+from .aiohttp_private import send_interim
 from .problems import problem
 from .tunnel import ClientStream, Upgraded
 from .upstream import ConnectFailed, ConnectTimeout, Pool, Response, UpstreamError, UpstreamTimeout
@@ -187,8 +188,7 @@ async def _client_body(request: web.BaseRequest, limit: int | None, send_continu
     (nginx too sends it only when it starts reading the body).
     """
     if send_continue:
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the interim response is not the answer's body
+        await send_interim(request.writer, b"HTTP/1.1 100 Continue\r\n\r\n")
     sent = 0
     content = request.content
     while True:

@@ -25,7 +25,7 @@ from .tasks import every
 log = logging.getLogger("tollgate.reload")
 
 POLL_INTERVAL = 0.5  # seconds between looks at the file: changes show within 2 s
-RESTART_ONLY = (
+RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("server.host", lambda c: c.server.host), ("server.port", lambda c: c.server.port),
     ("admin.host", lambda c: c.admin.host), ("admin.port", lambda c: c.admin.port),
     ("storage.backend", lambda c: c.storage.backend), ("storage.url", lambda c: c.storage.url),
