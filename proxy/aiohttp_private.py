@@ -8,7 +8,10 @@ aiohttp has no public way to do three things a proxy needs:
 - put header lines serialized in advance into a response head (the rate-limit
   headers, built once per distinct value): `SplicedHead`;
 - answer `100 Continue` on the request's own writer without counting it as the
-  answer's body: `send_interim`.
+  answer's body: `send_interim`;
+- take the raw bytes that follow an upgrade request (WebSocket or any protocol
+  the upstream switches to with a 101), as aiohttp's own WebSocketResponse
+  does: `take_upgraded_bytes`.
 
 Nothing else in Tollgate names a private aiohttp attribute. `check()` runs when
 this module is imported: if an aiohttp release moved one of these names,
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -58,6 +61,8 @@ def check() -> None:
     for name in ("_write_headers", "_send_headers_immediately", "_payload_writer"):
         if not hasattr(web.StreamResponse, name):
             missing.append(f"StreamResponse.{name}")
+    if not callable(getattr(RequestHandler, "set_parser", None)):
+        missing.append("RequestHandler.set_parser")
     if missing:
         raise IncompatibleAiohttp(
             f"aiohttp {aiohttp.__version__} lacks internals Tollgate relies on ({', '.join(missing)}); "
@@ -176,3 +181,22 @@ async def send_interim(writer: AbstractStreamWriter, head: bytes) -> None:
     """Write an interim (1xx) response ahead of the answer, not counted as its body."""
     await writer.write(head)
     writer.output_size = 0
+
+
+class PayloadParser(Protocol):
+    """What aiohttp's server protocol feeds the bytes after an upgrade to."""
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]: ...
+    def feed_eof(self) -> None: ...
+
+
+def take_upgraded_bytes(request: web.BaseRequest, parser: PayloadParser) -> None:
+    """From now on, every byte the client sends on `request`'s connection goes
+    to `parser.feed_data` (bytes already buffered behind the upgrade request
+    first), and its end to `parser.feed_eof`.
+
+    `RequestHandler.set_parser` is what web_ws.WebSocketResponse uses; it is
+    annotated for aiohttp's own WebSocketReader, hence the Any.
+    """
+    protocol: Any = request.protocol
+    protocol.set_parser(parser)

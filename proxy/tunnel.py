@@ -26,11 +26,12 @@ import collections
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from aiohttp import web
 
 from . import responses
+from .aiohttp_private import take_upgraded_bytes
 from .upstream import UpstreamError
 
 HIGH_WATER = 256 * 1024  # client bytes waiting for the upstream that pause reading from the client
@@ -79,7 +80,7 @@ class ClientStream:
 
     def attach(self, request: web.BaseRequest) -> None:
         """Take every byte the client sends from now on (call before the 101 goes out)."""
-        _set_payload_parser(request, self)
+        take_upgraded_bytes(request, self)
 
     async def read(self) -> bytes:
         """The next bytes from the client; b"" once it has gone."""
@@ -219,13 +220,3 @@ class Tunnels:
         """Close every open tunnel (at shutdown: a tunnel has no natural end to wait for)."""
         for tunnel in list(self._open):
             tunnel.close()
-
-
-# -- aiohttp internals ------------------------------------------------------------------
-# RequestHandler.set_parser (aiohttp/web_protocol.py; what web_ws.WebSocketResponse
-# uses) routes every byte after an upgrade request to `parser.feed_data` and the
-# connection's end to `parser.feed_eof`. It is annotated for aiohttp's own
-# WebSocketReader, hence the Any. tests/test_websocket.py fails if it changes.
-def _set_payload_parser(request: web.BaseRequest, parser: ClientStream) -> None:
-    protocol: Any = request.protocol
-    protocol.set_parser(parser)

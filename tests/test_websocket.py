@@ -222,7 +222,7 @@ async def test_client_close_code_and_reason_reach_the_upstream(ws_upstream):
 
 
 async def test_upstream_close_code_and_reason_reach_the_client(ws_upstream):
-    upstream, url = ws_upstream
+    _, url = ws_upstream
     async with running(OPEN, url) as tg, asyncio.timeout(GUARD):
         async with tg.session.ws_connect(ws_url(tg, "/ws/echo")) as ws:
             await ws.send_str("close-me")
@@ -291,7 +291,7 @@ async def test_an_upgrade_is_limited_and_costs_its_route_cost(ws_upstream, fake_
 
 
 async def test_upstream_dying_mid_tunnel_closes_the_client(ws_upstream):
-    upstream, url = ws_upstream
+    _, url = ws_upstream
     async with running(OPEN, url) as tg, asyncio.timeout(GUARD):
         async with tg.session.ws_connect(ws_url(tg, "/ws/echo")) as ws:
             await ws.send_str("before")
@@ -306,7 +306,7 @@ async def test_upstream_dying_mid_tunnel_closes_the_client(ws_upstream):
 async def test_client_disconnecting_closes_the_upstream_side(ws_upstream):
     upstream, url = ws_upstream
     async with running(OPEN, url) as tg, asyncio.timeout(GUARD):
-        head, reader, writer = await raw_handshake(port_of(tg), "/ws/echo")
+        head, _, writer = await raw_handshake(port_of(tg), "/ws/echo")
         assert head.startswith(b"HTTP/1.1 101 ")
         writer.transport.abort()  # gone without a close frame
         await upstream.seen.closed.wait()
@@ -379,7 +379,7 @@ class RawUpgradeUpstream:
             self.finished.set()
 
 
-async def test_a_non_websocket_upgrade_carries_raw_bytes_both_ways(ws_upstream):
+async def test_a_non_websocket_upgrade_carries_raw_bytes_both_ways():
     raw = RawUpgradeUpstream()
     server = await asyncio.start_server(raw.serve, "127.0.0.1", 0)
     url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
