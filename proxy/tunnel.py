@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -77,6 +77,16 @@ class ClientStream:
         self._eof = False
         self._waiter: asyncio.Future[None] | None = None
         self.received = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received from the client and not yet taken by the upstream pump."""
+        return self._buffered
+
+    @property
+    def paused(self) -> bool:
+        """Is reading from the client stopped until the upstream catches up?"""
+        return self._paused
 
     def attach(self, request: web.BaseRequest) -> None:
         """Take every byte the client sends from now on (call before the 101 goes out)."""
@@ -205,6 +215,9 @@ class Tunnels:
 
     def __len__(self) -> int:
         return len(self._open)
+
+    def __iter__(self) -> Iterator[Upgraded]:
+        return iter([tunnel.response for tunnel in self._open])
 
     async def run(self, request: web.BaseRequest, response: Upgraded, *, linger: float) -> Totals:
         """Copy bytes both ways until the tunnel ends; both connections are closed on return."""

@@ -23,6 +23,8 @@ import pytest
 from aiohttp import WSMsgType, web
 from harness import Tollgate, running
 
+from proxy.tunnel import HIGH_WATER
+
 OPEN = """
 tiers:
   anonymous:
@@ -67,6 +69,7 @@ class WsUpstream:
 
     def __init__(self) -> None:
         self.seen = Seen()
+        self.release = asyncio.Event()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -75,6 +78,7 @@ class WsUpstream:
         app.router.add_get("/ws/chat", self.chat)
         app.router.add_get("/ws/refuse", self.refuse)
         app.router.add_get("/ws/stream", self.stream)
+        app.router.add_get("/ws/slow", self.slow)
         return app
 
     async def _open(self, request: web.Request, ws: web.WebSocketResponse) -> web.WebSocketResponse:
@@ -143,6 +147,19 @@ class WsUpstream:
             await ws.send_bytes(message)
         self.seen.sent_digest = digest.hexdigest()
         await ws.close()
+        return ws
+
+    async def slow(self, request: web.Request) -> web.WebSocketResponse:
+        """Reads nothing until `release` is set, then everything, and reports what came."""
+        ws = await self._open(request, web.WebSocketResponse(max_msg_size=2 * MIB))
+        await self.release.wait()
+        digest, received = hashlib.blake2b(), 0
+        async for msg in ws:
+            if msg.type == WSMsgType.BINARY:
+                digest.update(msg.data)
+                received += len(msg.data)
+            else:
+                await ws.send_str(f"{received} {digest.hexdigest()}")
         return ws
 
 
@@ -252,12 +269,13 @@ async def test_a_refused_upgrade_is_relayed_as_it_came(ws_upstream):
     assert len(upstream.seen.heads) == 3
 
 
-async def raw_handshake(port: int, path: str, extra: bytes = b"") -> tuple[bytes, asyncio.StreamReader,
+async def raw_handshake(port: int, path: str, *, after: bytes = b"") -> tuple[bytes, asyncio.StreamReader,
                                                                               asyncio.StreamWriter]:
+    """A WebSocket handshake on a raw socket (`after`: bytes sent in the same write)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     key = base64.b64encode(os.urandom(16))
     writer.write(b"GET %s HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                 b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n%s\r\n" % (path.encode(), key, extra))
+                 b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: %s\r\n\r\n%s" % (path.encode(), key, after))
     head = await reader.readuntil(b"\r\n\r\n")
     return head, reader, writer
 
@@ -351,6 +369,43 @@ async def test_a_large_stream_passes_whole_with_bounded_memory(ws_upstream):
     assert peak - baseline < 64 * MIB, f"RSS grew by {(peak - baseline) / MIB:.0f} MiB"
 
 
+async def test_a_client_faster_than_the_upstream_is_held_back(ws_upstream):
+    upstream, url = ws_upstream
+    count = 32
+    async with running(OPEN, url) as tg, asyncio.timeout(GUARD):
+        async with tg.session.ws_connect(ws_url(tg, "/ws/slow")) as ws:
+            async def send_all() -> str:
+                digest = hashlib.blake2b()
+                for index in range(count):
+                    digest.update(stream_message(index))
+                    await ws.send_bytes(stream_message(index))
+                await ws.send_str("end")
+                return digest.hexdigest()
+
+            sender = asyncio.create_task(send_all())
+            while not len(tg.runtime.tunnels):
+                await asyncio.sleep(0.01)
+            (tunnel,) = tg.runtime.tunnels
+            while not tunnel.client.paused:  # the upstream reads nothing: Tollgate stops reading the client
+                await asyncio.sleep(0.01)
+            assert tunnel.client.buffered <= HIGH_WATER + 256 * 1024  # one socket read past the mark
+            assert not sender.done()
+            upstream.release.set()
+            assert await ws.receive_str() == f"{count * MIB} {await sender}"
+            assert not tunnel.client.paused
+
+
+async def test_bytes_sent_with_the_upgrade_request_are_not_lost(ws_upstream):
+    _, url = ws_upstream
+    async with running(OPEN, url) as tg, asyncio.timeout(GUARD):
+        # A masked text frame "hi" (mask 0) in the same packet as the handshake.
+        head, reader, writer = await raw_handshake(port_of(tg), "/ws/echo", after=b"\x81\x82\x00\x00\x00\x00hi")
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert await reader.readexactly(4) == b"\x81\x02hi"
+        writer.close()
+        await no_tunnel_left(tg)
+
+
 class RawUpgradeUpstream:
     """A raw-socket upstream that speaks `tollgate-test/1` after a 101: it greets
     in the 101's own packet, echoes bytes, and on "done" half-closes after "final"
@@ -414,6 +469,35 @@ async def test_a_non_websocket_upgrade_carries_raw_bytes_both_ways():
     assert b"x-public: yes" in sent
     assert b"x-private" not in sent and b"keep-alive" not in sent
     assert raw.after_eof == b"still talking\n"
+
+
+async def test_a_half_closed_tunnel_ends_when_the_client_falls_silent():
+    finished = asyncio.Event()
+    after: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tollgate-test/1\r\nConnection: Upgrade\r\n\r\nbye")
+        writer.write_eof()
+        after.append(await reader.read())  # b"" once Tollgate gives up on the silent client
+        writer.close()
+        finished.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with running(OPEN.replace("timeout: 5", "timeout: 0.2"), url) as tg, asyncio.timeout(GUARD):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tg))
+            writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: tollgate-test/1\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            assert await reader.read() == b"bye"  # then EOF; the client keeps its side open, silent
+            await finished.wait()
+            await no_tunnel_left(tg)
+            writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert after == [b""]
 
 
 async def test_plain_requests_still_drop_upgrade_headers(aiohttp_server):
