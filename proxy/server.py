@@ -36,7 +36,21 @@ class Serve:
 
 SERVE: Final = web.AppKey("SERVE", Serve)
 """An app that sets SERVE is served by a plain `web.Server` on that handler; the
-app still owns the lifecycle (cleanup_ctx, on_cleanup)."""
+app still owns the lifecycle (cleanup_ctx, on_shutdown, on_cleanup)."""
+
+
+class _AppServerRunner(web.ServerRunner):
+    """A ServerRunner that runs its app's on_shutdown hooks once the listener has
+    closed and before in-flight requests are drained, where AppRunner runs them
+    (ServerRunner has no app: its shutdown() does nothing). The proxy app closes
+    its upgraded connections there: they never end on their own."""
+
+    def __init__(self, server: web.Server, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._owner = app
+
+    async def shutdown(self) -> None:
+        await self._owner.shutdown()
 
 
 class StartError(Exception):
@@ -63,7 +77,7 @@ async def listen(
     else:
         app.freeze()
         await app.startup()
-        runner = web.ServerRunner(GuardedServer(serve.handler, **serve.parser, **settings),
+        runner = _AppServerRunner(GuardedServer(serve.handler, **serve.parser, **settings), app,
                                   shutdown_timeout=shutdown_timeout)
     try:
         await runner.setup()
