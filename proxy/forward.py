@@ -226,20 +226,22 @@ async def forward(
         answer.close()
 
 
+def _relayed(response: responses.Relayed, answer: Response, lines: bytes) -> None:
+    response.raw, response.has_date = response_head_lines(answer)
+    response.reason_bytes = answer.reason.encode("latin-1")
+    response.lines = lines
+
+
 async def _relay(request: web.BaseRequest, answer: Response, lines: bytes) -> web.StreamResponse:
     no_body = request.method == "HEAD" or answer.status in NO_BODY_STATUSES
-    headers = response_headers(answer)
-    response: web.StreamResponse
     if answer.complete and answer.length is not None and not no_body:
         # The body arrived whole with its head (most API answers): both go out in one write.
-        response = responses.Response(status=answer.status, reason=answer.reason or None, headers=headers,
-                                      body=answer.buffered())
-        response.lines = lines
-        return response
-    if answer.length is not None:
-        headers.append(("Content-Length", answer.length.decode("latin-1")))
-    response = responses.StreamResponse(status=answer.status, reason=answer.reason or None, headers=headers)
-    response.lines = lines
+        whole = responses.RelayedResponse(status=answer.status, body=answer.buffered())
+        _relayed(whole, answer, lines)
+        return whole
+    framing = None if answer.length is None else {"Content-Length": answer.length.decode("latin-1")}
+    response = responses.RelayedStream(status=answer.status, headers=framing)
+    _relayed(response, answer, lines)
     try:
         await response.prepare(request)
         if no_body:
@@ -254,23 +256,27 @@ async def _relay(request: web.BaseRequest, answer: Response, lines: bytes) -> we
     return response
 
 
-def response_headers(source: Response) -> list[tuple[str, str]]:
-    """End-to-end response headers, duplicates (Set-Cookie) and order kept
+def response_head_lines(source: Response) -> tuple[bytes, bool]:
+    """The upstream's end-to-end header lines, byte for byte, duplicates
+    (Set-Cookie) and order kept, and whether Date is among them
     (Content-Length is the caller's: it depends on how the body goes out).
 
-    A list, which aiohttp turns into its header multidict in one C call. One
-    pass; a second only when Connection names a header of its own, which
+    One pass; a second only when Connection names a header of its own, which
     "keep-alive" and "close", nearly every upstream's, do not.
     """
     out = []
     named: set[bytes] = set()
+    has_date = False
     for name, value in source.headers:
         lname = name.lower()
         if lname in RESPONSE_SKIP:
             if lname == b"connection" and value.lower() not in PLAIN_CONNECTION:
                 named |= _connection_named(value) - HOP_BY_HOP
             continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+        if lname == b"date":
+            has_date = True
+        out.append(b"%s: %s\r\n" % (name, value))
     if named:
-        out = [(name, value) for name, value in out if name.lower().encode("latin-1") not in named]
-    return out
+        out = [line for line in out if line.split(b":", 1)[0].lower() not in named]
+        has_date = has_date and b"date" not in named
+    return b"".join(out), has_date
