@@ -221,6 +221,11 @@ class RelayedHead(web.StreamResponse):
             writer.send_headers()
 
 
+def requests_in_progress(server: web.Server) -> bool:
+    """Is any connection of `server` in the middle of a request?"""
+    return any(handler._request_in_progress for handler in server.connections)
+
+
 async def send_interim(writer: AbstractStreamWriter, head: bytes) -> None:
     """Write an interim (1xx) response ahead of the answer, not counted as its body."""
     await writer.write(head)

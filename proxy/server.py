@@ -8,6 +8,7 @@ keep-alive connections have their own timeouts.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,9 +16,11 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .aiohttp_private import GuardedAppRunner, GuardedServer
+from .aiohttp_private import GuardedAppRunner, GuardedServer, requests_in_progress
 
 HEADER_TIMEOUT = 10.0  # seconds; nginx's client_header_timeout defaults to 60
+CANCEL_GRACE = 0.5  # of the drain budget: for requests still running at its end to be cut and logged
+DRAIN_POLL = 0.05
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -56,15 +59,18 @@ async def listen(
     then drain in-flight requests up to `shutdown_timeout`."""
     settings: dict[str, Any] = {"access_log": None, "keepalive_timeout": keepalive_timeout,
                                 "header_timeout": header_timeout}
+    # aiohttp's own shutdown waits up to its timeout twice (for the handlers, then
+    # after cancelling them): it gets only the grace at the end of the budget.
+    grace = min(CANCEL_GRACE, shutdown_timeout / 2)
     serve = app.get(SERVE)
     runner: web.BaseRunner
     if serve is None:
-        runner = GuardedAppRunner(app, shutdown_timeout=shutdown_timeout, **settings)
+        runner = GuardedAppRunner(app, shutdown_timeout=grace / 2, **settings)
     else:
         app.freeze()
         await app.startup()
         runner = web.ServerRunner(GuardedServer(serve.handler, **serve.parser, **settings),
-                                  shutdown_timeout=shutdown_timeout)
+                                  shutdown_timeout=grace / 2)
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -75,6 +81,20 @@ async def listen(
             raise StartError(f"cannot listen on {hostport(host, port)} for the {what} port: {reason}") from None
         yield runner.addresses[0][1]
     finally:
+        await _drain(runner, shutdown_timeout - grace)
         await runner.cleanup()
         if serve is not None:
             await app.cleanup()
+
+
+async def _drain(runner: web.BaseRunner, budget: float) -> None:
+    """Close the listeners at once, then let in-flight requests finish for up to
+    `budget` seconds; `runner.cleanup()` cuts what still runs after that."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    for site in list(runner.sites):
+        await site.stop()
+    server = runner.server
+    # aiohttp signals no "last request done"; this polls during shutdown only.
+    while server is not None and requests_in_progress(server) and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(DRAIN_POLL)
