@@ -6,7 +6,10 @@ aiohttp has no public way to do three things a proxy needs:
   the keep-alive timeout): `HeadGuard`, a RequestHandler that watches its own
   parser's progress, and `GuardedServer`, a `web.Server` that builds them;
 - put header lines serialized in advance into a response head (the rate-limit
-  headers, built once per distinct value): `SplicedHead`;
+  headers, built once per distinct value), without aiohttp's `Server` header:
+  `SplicedHead`;
+- send a relayed response's head as the upstream's bytes (obs-text and all),
+  adding only what HTTP asks of a forwarder (framing, Date): `RelayedHead`;
 - answer `100 Continue` on the request's own writer without counting it as the
   answer's body: `send_interim`;
 - take the raw bytes that follow an upgrade request (WebSocket or any protocol
@@ -23,10 +26,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_writer import StreamWriter
 from aiohttp.web_protocol import RequestHandler
@@ -56,9 +59,12 @@ def check() -> None:
     for name in ("_loop", "_kwargs"):
         if not _assigned_in_init(web.Server, name):
             missing.append(f"web.Server.{name}")
-    if not _assigned_in_init(StreamWriter, "_headers_buf") or not callable(getattr(StreamWriter, "send_headers", None)):
-        missing.append("StreamWriter._headers_buf / send_headers")
-    for name in ("_write_headers", "_send_headers_immediately", "_payload_writer"):
+    for name in ("_headers_buf", "_headers_written"):
+        if not _assigned_in_init(StreamWriter, name):
+            missing.append(f"StreamWriter.{name}")
+    if not callable(getattr(StreamWriter, "send_headers", None)):
+        missing.append("StreamWriter.send_headers")
+    for name in ("_write_headers", "_send_headers_immediately", "_payload_writer", "_req"):
         if not hasattr(web.StreamResponse, name):
             missing.append(f"StreamResponse.{name}")
     if not callable(getattr(RequestHandler, "set_parser", None)):
@@ -157,11 +163,13 @@ class SplicedHead(web.StreamResponse):
 
     Tollgate's own lines are made of config names that passed NAME_RE and of
     integers, so they skip aiohttp's per-character CR/LF check (bench/README.md).
+    aiohttp's `Server` header (its version) is not sent.
     """
 
     lines: bytes = b""
 
     async def _write_headers(self) -> None:
+        self.headers.popall(hdrs.SERVER, None)
         lines = self.lines
         if not lines:
             return await web.StreamResponse._write_headers(self)
@@ -175,6 +183,52 @@ class SplicedHead(web.StreamResponse):
         if immediately:
             self._send_headers_immediately = True
             writer.send_headers()
+
+
+# What a forwarder adds to a relayed head: the client connection's own framing.
+_FRAMING: Final = (hdrs.CONTENT_LENGTH, hdrs.TRANSFER_ENCODING, hdrs.CONNECTION)
+
+
+class RelayedHead(web.StreamResponse):
+    """A relayed response: its head is the upstream's bytes, not aiohttp's.
+
+    `raw` holds the upstream's end-to-end header lines exactly as received
+    (each ending CRLF), `reason_bytes` its reason phrase, `lines` Tollgate's
+    rate-limit lines. aiohttp decides the framing towards the client (it knows
+    the client's version and keep-alive); of its headers only that framing goes
+    out, plus `Date` when the upstream sent none (RFC 9110 §6.6.1). No
+    `Server`, no `Content-Type` the upstream did not send.
+    """
+
+    raw: bytes = b""
+    reason_bytes: bytes = b""
+    lines: bytes = b""
+    has_date: bool = False
+
+    async def _write_headers(self) -> None:
+        request, writer = self._req, self._payload_writer
+        assert request is not None and isinstance(writer, StreamWriter)
+        own = self.headers
+        version = request.version
+        parts = [b"HTTP/%d.%d %d %s\r\n" % (version.major, version.minor, self.status, self.reason_bytes),
+                 self.raw]
+        for name in _FRAMING:
+            value = own.get(name)
+            if value is not None:
+                parts.append(b"%s: %s\r\n" % (name.encode(), value.encode("latin-1")))
+        if not self.has_date:
+            parts.append(b"Date: %s\r\n" % own[hdrs.DATE].encode("latin-1"))
+        parts.append(self.lines)
+        parts.append(b"\r\n")
+        writer._headers_buf = b"".join(parts)
+        writer._headers_written = False
+        if self._send_headers_immediately:
+            writer.send_headers()
+
+
+def requests_in_progress(server: web.Server) -> bool:
+    """Is any connection of `server` in the middle of a request?"""
+    return any(handler._request_in_progress for handler in server.connections)
 
 
 async def send_interim(writer: AbstractStreamWriter, head: bytes) -> None:

@@ -250,20 +250,22 @@ async def forward(
         answer.close()
 
 
+def _relayed(response: responses.Relayed, answer: Response, lines: bytes) -> None:
+    response.raw, response.has_date = response_head_lines(answer)
+    response.reason_bytes = answer.reason.encode("latin-1")
+    response.lines = lines
+
+
 async def _relay(request: web.BaseRequest, answer: Response, lines: bytes) -> web.StreamResponse:
     no_body = request.method == "HEAD" or answer.status in NO_BODY_STATUSES
-    headers = response_headers(answer)
-    response: web.StreamResponse
     if answer.complete and answer.length is not None and not no_body:
         # The body arrived whole with its head (most API answers): both go out in one write.
-        response = responses.Response(status=answer.status, reason=answer.reason or None, headers=headers,
-                                      body=answer.buffered())
-        response.lines = lines
-        return response
-    if answer.length is not None:
-        headers.append(("Content-Length", answer.length.decode("latin-1")))
-    response = responses.StreamResponse(status=answer.status, reason=answer.reason or None, headers=headers)
-    response.lines = lines
+        whole = responses.RelayedResponse(status=answer.status, body=answer.buffered())
+        _relayed(whole, answer, lines)
+        return whole
+    framing = None if answer.length is None else {"Content-Length": answer.length.decode("latin-1")}
+    response = responses.RelayedStream(status=answer.status, headers=framing)
+    _relayed(response, answer, lines)
     try:
         await response.prepare(request)
         if no_body:
@@ -283,10 +285,13 @@ async def _switch(request: web.BaseRequest, answer: Response, lines: bytes) -> U
     then on the client's bytes are the tunnel's (`proxy.tunnel` runs it)."""
     tunnel = answer.tunnel
     assert tunnel is not None
-    headers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in answer.headers
-               if name.lower() not in SWITCH_SKIP]
     client = ClientStream(request)
-    response = Upgraded(reason=answer.reason or None, headers=headers, tunnel=tunnel, client=client)
+    response = Upgraded(tunnel=tunnel, client=client)
+    raw, connection, response.has_date = switch_head_lines(answer)
+    if connection is not None:  # sent by aiohttp as framing; without it, aiohttp would say "close"
+        response.headers["Connection"] = connection.decode("latin-1")
+    response.raw = raw
+    response.reason_bytes = answer.reason.encode("latin-1")
     response.lines = lines
     try:
         client.attach(request)  # before the 101 leaves: the client may answer it at once
@@ -299,23 +304,44 @@ async def _switch(request: web.BaseRequest, answer: Response, lines: bytes) -> U
     return response
 
 
-def response_headers(source: Response) -> list[tuple[str, str]]:
-    """End-to-end response headers, duplicates (Set-Cookie) and order kept
+def switch_head_lines(source: Response) -> tuple[bytes, bytes | None, bool]:
+    """A 101's header lines byte for byte but its Connection (returned apart:
+    aiohttp writes that line), and whether Date is among them. Upgrade and
+    Connection say what the connection switched to, so unlike other answers'
+    they go to the client; the other hop-by-hop headers do not."""
+    out = []
+    connection: list[bytes] = []
+    for name, value in source.headers:
+        lname = name.lower()
+        if lname == b"connection":
+            connection.append(value)
+        elif lname not in SWITCH_SKIP:
+            out.append(b"%s: %s\r\n" % (name, value))
+    has_date = any(line[:5].lower() == b"date:" for line in out)
+    return b"".join(out), b", ".join(connection) if connection else None, has_date
+
+
+def response_head_lines(source: Response) -> tuple[bytes, bool]:
+    """The upstream's end-to-end header lines, byte for byte, duplicates
+    (Set-Cookie) and order kept, and whether Date is among them
     (Content-Length is the caller's: it depends on how the body goes out).
 
-    A list, which aiohttp turns into its header multidict in one C call. One
-    pass; a second only when Connection names a header of its own, which
+    One pass; a second only when Connection names a header of its own, which
     "keep-alive" and "close", nearly every upstream's, do not.
     """
     out = []
     named: set[bytes] = set()
+    has_date = False
     for name, value in source.headers:
         lname = name.lower()
         if lname in RESPONSE_SKIP:
             if lname == b"connection" and value.lower() not in PLAIN_CONNECTION:
                 named |= _connection_named(value) - HOP_BY_HOP
             continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+        if lname == b"date":
+            has_date = True
+        out.append(b"%s: %s\r\n" % (name, value))
     if named:
-        out = [(name, value) for name, value in out if name.lower().encode("latin-1") not in named]
-    return out
+        out = [line for line in out if line.split(b":", 1)[0].lower() not in named]
+        has_date = has_date and b"date" not in named
+    return b"".join(out), has_date

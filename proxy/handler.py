@@ -114,6 +114,13 @@ async def _forward(
         record.upstream_seconds = time.perf_counter() - upstream_started
         runtime.observe(record, time.perf_counter() - started)
         return web.Response(status=499)
+    except asyncio.CancelledError:
+        # Cut: the shutdown's drain ran out (or aiohttp dropped the connection). Still logged.
+        record.status = 499
+        record.upstream_error = "cut"
+        record.upstream_seconds = time.perf_counter() - upstream_started
+        runtime.observe(record, time.perf_counter() - started)
+        raise
     except UpstreamError as exc:
         response = upstream_failure(exc, runtime.upstream)
         record.upstream_error = exc.kind

@@ -8,6 +8,7 @@ keep-alive connections have their own timeouts.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,9 +16,11 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .aiohttp_private import GuardedAppRunner, GuardedServer
+from .aiohttp_private import GuardedAppRunner, GuardedServer, requests_in_progress
 
 HEADER_TIMEOUT = 10.0  # seconds; nginx's client_header_timeout defaults to 60
+CANCEL_GRACE = 0.5  # of the drain budget: for requests still running at its end to be cut and logged
+DRAIN_POLL = 0.05
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -39,20 +42,6 @@ SERVE: Final = web.AppKey("SERVE", Serve)
 app still owns the lifecycle (cleanup_ctx, on_shutdown, on_cleanup)."""
 
 
-class _AppServerRunner(web.ServerRunner):
-    """A ServerRunner that runs its app's on_shutdown hooks once the listener has
-    closed and before in-flight requests are drained, where AppRunner runs them
-    (ServerRunner has no app: its shutdown() does nothing). The proxy app closes
-    its upgraded connections there: they never end on their own."""
-
-    def __init__(self, server: web.Server, app: web.Application, **kwargs: Any) -> None:
-        super().__init__(server, **kwargs)
-        self._owner = app
-
-    async def shutdown(self) -> None:
-        await self._owner.shutdown()
-
-
 class StartError(Exception):
     """Tollgate cannot start for a reason the user can fix; the message says which."""
 
@@ -70,15 +59,18 @@ async def listen(
     then drain in-flight requests up to `shutdown_timeout`."""
     settings: dict[str, Any] = {"access_log": None, "keepalive_timeout": keepalive_timeout,
                                 "header_timeout": header_timeout}
+    # aiohttp's own shutdown waits up to its timeout twice (for the handlers, then
+    # after cancelling them): it gets only the grace at the end of the budget.
+    grace = min(CANCEL_GRACE, shutdown_timeout / 2)
     serve = app.get(SERVE)
     runner: web.BaseRunner
     if serve is None:
-        runner = GuardedAppRunner(app, shutdown_timeout=shutdown_timeout, **settings)
+        runner = GuardedAppRunner(app, shutdown_timeout=grace / 2, **settings)
     else:
         app.freeze()
         await app.startup()
-        runner = _AppServerRunner(GuardedServer(serve.handler, **serve.parser, **settings), app,
-                                  shutdown_timeout=shutdown_timeout)
+        runner = web.ServerRunner(GuardedServer(serve.handler, **serve.parser, **settings),
+                                  shutdown_timeout=grace / 2)
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -89,6 +81,25 @@ async def listen(
             raise StartError(f"cannot listen on {hostport(host, port)} for the {what} port: {reason}") from None
         yield runner.addresses[0][1]
     finally:
+        # A plain web.Server has no app to signal: its app's on_shutdown runs once the
+        # listener is closed, before the drain (the proxy app closes its tunnels there).
+        await _drain(runner, shutdown_timeout - grace, closed=app.shutdown if serve is not None else None)
         await runner.cleanup()
         if serve is not None:
             await app.cleanup()
+
+
+async def _drain(runner: web.BaseRunner, budget: float, *,
+                 closed: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Close the listeners at once (then await `closed`), then let in-flight requests
+    finish for up to `budget` seconds; `runner.cleanup()` cuts what still runs after that."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    for site in list(runner.sites):
+        await site.stop()
+    if closed is not None:
+        await closed()
+    server = runner.server
+    # aiohttp signals no "last request done"; this polls during shutdown only.
+    while server is not None and requests_in_progress(server) and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(DRAIN_POLL)

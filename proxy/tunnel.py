@@ -48,13 +48,12 @@ class UpstreamTunnel(Protocol):
     def close(self) -> None: ...
 
 
-class Upgraded(responses.StreamResponse):
-    """The 101 relayed to the client, with both ends of the tunnel it opens:
-    `tunnel` the upstream's, `client` the client's."""
+class Upgraded(responses.RelayedStream):
+    """The 101 relayed to the client (its head as the upstream sent it), with
+    both ends of the tunnel it opens: `tunnel` the upstream's, `client` the client's."""
 
-    def __init__(self, *, reason: str | None, headers: list[tuple[str, str]], tunnel: UpstreamTunnel,
-                 client: ClientStream) -> None:
-        super().__init__(status=101, reason=reason, headers=headers)
+    def __init__(self, *, tunnel: UpstreamTunnel, client: ClientStream) -> None:
+        super().__init__(status=101)
         self.tunnel = tunnel
         self.client = client
         self.force_close()  # after the tunnel the connection is not HTTP any more

@@ -423,7 +423,7 @@ class RawUpgradeUpstream:
         try:
             self.head = await reader.readuntil(b"\r\n\r\n")
             writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tollgate-test/1\r\n"
-                         b"Connection: Upgrade\r\nX-Custom: kept\r\n\r\ngreetings\n")
+                         b"Connection: Upgrade\r\nX-Custom: kept \xe9\r\n\r\ngreetings\n")
             while line := await reader.readline():
                 if line == b"done\n":
                     writer.write(b"final\n")
@@ -450,7 +450,9 @@ async def test_a_non_websocket_upgrade_carries_raw_bytes_both_ways():
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
             assert b"\r\nUpgrade: tollgate-test/1\r\n" in head and b"\r\nConnection: Upgrade\r\n" in head
-            assert b"\r\nX-Custom: kept\r\n" in head
+            assert b"\r\nX-Custom: kept \xe9\r\n" in head  # byte for byte, obs-text too
+            assert b"\r\nServer:" not in head and b"\r\nContent-Type:" not in head
+            assert head.count(b"\r\nConnection:") == 1
             assert await reader.readline() == b"greetings\n"
             for line in (b"one\n", b"\x00\xff binary\n", b"three\n"):
                 writer.write(line)
