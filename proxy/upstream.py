@@ -177,9 +177,14 @@ class Response:
 
 class Tunnel:
     """The raw byte stream of a connection the upstream switched to another
-    protocol (101). Bytes that came in the packet of the 101 head come first.
+    protocol (101), both ways. Bytes that came in the packet of the 101 head
+    come first.
 
-    No timeout applies: a WebSocket may be quiet for hours; the caller closes it.
+    Never pooled: its bytes belong to the protocol the upstream switched to.
+    Reading stops (backpressure) while more than HIGH_WATER bytes wait here;
+    the upstream's EOF only half-closes, so bytes can still go out until
+    close(). No timeout applies: a WebSocket may be quiet for hours; the
+    caller closes it.
     """
 
     __slots__ = ("_buffered", "_chunks", "_conn", "_eof", "_waiter")
@@ -208,13 +213,14 @@ class Tunnel:
         return chunk
 
     def write(self, data: bytes) -> None:
-        """Send bytes upstream (dropped once the connection is closed)."""
+        """Send bytes upstream; raises ConnectionResetError once the connection is gone."""
         transport = self._conn.transport
-        if transport is not None and not self._conn.closed:
-            transport.write(data)
+        if self._conn.closed or transport is None or transport.is_closing():
+            raise ConnectionResetError("the upstream connection is closed")
+        transport.write(data)
 
     async def drain(self) -> None:
-        """Wait while the upstream is slower than our writes; ConnectionError once it is gone."""
+        """Wait while the upstream's socket buffer is full; ConnectionResetError once it is gone."""
         await self._conn.drain()
 
     def write_eof(self) -> None:
@@ -224,15 +230,17 @@ class Tunnel:
             transport.write_eof()
 
     def close(self) -> None:
+        """Close the connection (bytes already written are still flushed)."""
         self._conn.close()
 
     # called by the connection
     def _feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered > HIGH_WATER and not self._conn.paused_reading:
-            self._conn.pause_reading()
-        self._wake()
+        if data:
+            self._chunks.append(data)
+            self._buffered += len(data)
+            if self._buffered > HIGH_WATER and not self._conn.paused_reading:
+                self._conn.pause_reading()
+            self._wake()
 
     def _end(self) -> None:
         self._eof = True
@@ -520,7 +528,7 @@ class _Connection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
             self.tunnel._end()
-            return True  # half-closed: the tunnel may still write
+            return self.pool.ssl is None  # keep sending after the upstream's half-close (not over TLS)
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -530,7 +538,7 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if self._drain is not None and not self._drain.done():
-            self._drain.set_exception(ConnectionError("upstream connection lost"))
+            self._drain.set_exception(ConnectionResetError("the upstream connection is closed"))
             self._drain.exception()
         if self.tunnel is not None:
             self.tunnel._end()
@@ -560,8 +568,9 @@ class _Connection(asyncio.Protocol):
         self._drain = None
 
     async def drain(self) -> None:
+        """Return once the transport takes more writes; raise if the connection is lost."""
         if self.closed:
-            raise ConnectionError("upstream connection lost")
+            raise ConnectionResetError("the upstream connection is closed")
         if self._write_paused:
             if self._drain is None:
                 self._drain = self.loop.create_future()
