@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .dashboard import setup_dashboard
-from .identity import find_client
+from .identity import find_client, visible_ascii
 from .limits.store import StorageUnavailable
 from .problems import problem
 from .ratelimit_headers import most_constraining, refusing_limit, whole_seconds
@@ -31,7 +31,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _token_ok(presented: str | None, token: str) -> bool:
-    if not presented:
+    if not presented or not visible_ascii(presented):  # a raw latin-1 byte is a lone surrogate: no encode
         return False
     # Compare digests: constant time whatever the lengths.
     return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(token.encode()).digest())

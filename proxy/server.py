@@ -21,8 +21,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessingError, InvalidURLError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
+
+from .problems import problem
 
 HEADER_TIMEOUT = 10.0  # seconds; nginx's client_header_timeout defaults to 60
 
@@ -65,6 +68,18 @@ class GuardedRequestHandler(RequestHandler):
             self._header_timer = None
         super().connection_lost(exc)
 
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A request the parser refused gets a problem+json answer (aiohttp's is
+        text/plain echoing the bad bytes), logged at debug: a client's garbage
+        is not a server error. Handler failures (500) stay aiohttp's."""
+        if not isinstance(exc, HttpProcessingError) or status != 400 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        self.logger.debug("Refused a malformed request from %s: %r", request.remote, exc)
+        response = parse_error_answer(exc)
+        response.force_close()
+        return response
+
     def _await_head(self) -> None:
         self._head_since = self._loop.time()
         if self._header_timer is None:
@@ -80,6 +95,20 @@ class GuardedRequestHandler(RequestHandler):
             self._header_timer = self._loop.call_at(deadline, self._expire)
         elif self.transport is not None:
             self.transport.close()
+
+
+def parse_error_answer(exc: HttpProcessingError) -> web.Response:
+    """400 for malformed HTTP, 505 for a version the parser does not know (HTTP/1.2, 3.0).
+
+    llhttp reports an unknown version as HPE_INVALID_VERSION, which aiohttp
+    raises as BadStatusLine with llhttp's reason in the message; the versions
+    it does accept (0.9, 2.0) are answered by proxy.target.
+    """
+    if isinstance(exc, BadStatusLine) and not isinstance(exc, BadHttpMethod) and "Invalid HTTP version" in exc.message:
+        return problem(505, "http_version_not_supported", "Only HTTP/1.0 and HTTP/1.1 are supported.")
+    if isinstance(exc, InvalidURLError) and exc.message == "*":
+        return problem(400, "bad_request", "The * request target is for OPTIONS only.")
+    return problem(400, "bad_request", "The request is not valid HTTP/1.1.")
 
 
 class GuardedServer(Server):
