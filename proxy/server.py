@@ -11,23 +11,43 @@ This hooks two aiohttp internals (`RequestHandler.data_received`, the
 `_request_count` it bumps per parsed request head, and
 `AppRunner._make_server`): small, and covered by tests that would fail if
 aiohttp changed them.
+
+Two more request-side duties live here. llhttp, aiohttp's C parser, knows a
+fixed list of methods, while every RFC 9110 method token is to be forwarded:
+a connection whose first bytes name another method is parsed by aiohttp's
+Python parser instead (tests/test_server.py). The C parser stays the rule:
+the Python one costs about 90,000 more instructions a request (+29 %,
+bench/instructions.py). And what a parser refuses is answered as
+problem+json: 400, or 505 for an HTTP version it does not know.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessingError, InvalidURLError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_server import Server
 
 from .problems import problem
 
 HEADER_TIMEOUT = 10.0  # seconds; nginx's client_header_timeout defaults to 60
+# The methods llhttp, aiohttp's C parser, knows (in HTTP mode); it refuses any other token
+# (tests/test_server_methods.py checks this list against it).
+LLHTTP_METHODS: Final = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH SEARCH UNLOCK "
+    b"BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PATCH "
+    b"PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
+)
+# An RFC 9110 method token and its SP. No lower case: aiohttp's Python parser upper-cases
+# the method, and methods are case-sensitive, so `get` stays refused rather than become GET.
+UPPER_METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Z]{1,64} ")
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 SERVE: Final = web.AppKey("SERVE", Handler)
@@ -47,20 +67,39 @@ class GuardedRequestHandler(RequestHandler):
     """
 
     header_timeout: float = HEADER_TIMEOUT
+    auto_decompress: bool = True
     _header_timer: asyncio.TimerHandle | None = None
     _head_since: float | None = None
+    _fresh: bool = False  # no byte received yet: the parser is at a message boundary for sure
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._fresh = True
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
+        if self._fresh:
+            self._fresh = False
+            if unknown_method(data):
+                self._parse_in_python()
         before = self._request_count
         super().data_received(data)
         if self._request_count > before:
             self._head_since = None  # a whole request head arrived
         elif self._head_since is None and not self._request_in_progress and not self._messages:
             self._await_head()  # first bytes of the next request on a kept-alive connection
+
+    def _parse_in_python(self) -> None:
+        """This connection's requests go through aiohttp's pure-Python parser, which takes any
+        method token, where llhttp takes only those it knows. Only on a connection's first
+        bytes, where both parsers start from the same state: swapping mid-stream, after
+        bytes llhttp consumed, would make the two disagree on where a request starts."""
+        self._parser = TokenMethodParser(
+            self, self._loop, self._read_bufsize, max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size, max_headers=self.max_headers,
+            payload_exception=RequestPayloadError, auto_decompress=self.auto_decompress,
+            max_msg_queue_size=self._max_msg_queue_size,
+        )
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
@@ -97,6 +136,22 @@ class GuardedRequestHandler(RequestHandler):
             self.transport.close()
 
 
+class TokenMethodParser(HttpRequestParserPy):
+    """aiohttp's Python parser, but a method with lower case is refused as llhttp refuses it,
+    not upper-cased: `get` must not reach the upstream as `GET`."""
+
+    def parse_message(self, lines: list[bytes]) -> RawRequestMessage:
+        if not UPPER_METHOD.match(lines[0]):
+            raise BadHttpMethod(lines[0].decode("latin-1"))
+        return super().parse_message(lines)
+
+
+def unknown_method(first: bytes) -> bool:
+    """Do a connection's first bytes start with a method token that llhttp would refuse?"""
+    match = UPPER_METHOD.match(first)
+    return match is not None and match.group()[:-1] not in LLHTTP_METHODS
+
+
 def parse_error_answer(exc: HttpProcessingError) -> web.Response:
     """400 for malformed HTTP, 505 for a version the parser does not know (HTTP/1.2, 3.0).
 
@@ -119,6 +174,7 @@ class GuardedServer(Server):
     def __call__(self) -> RequestHandler:
         handler = GuardedRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.header_timeout = self.header_timeout
+        handler.auto_decompress = self._kwargs.get("auto_decompress", True)
         return handler
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ class Recorder:
 
     url: str
     heads: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)  # by Content-Length (none sent chunked here)
 
     def lines(self) -> list[bytes]:
         return [head.split(b"\r\n", 1)[0] for head in self.heads]
@@ -36,6 +38,8 @@ async def recording_upstream(base_path: str = "") -> AsyncIterator[Recorder]:
             for _ in range(100):  # bounded: no test sends more on one connection
                 head = await reader.readuntil(b"\r\n\r\n")
                 recorder.heads.append(head)
+                length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+                recorder.bodies.append(await reader.readexactly(int(length[1])) if length else b"")
                 writer.write(OK)
                 await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
