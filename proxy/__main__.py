@@ -16,6 +16,8 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
 
 from . import config as config_module
 from .accesslog import setup_logging
@@ -28,16 +30,29 @@ from .server import StartError, hostport, listen
 log = logging.getLogger("tollgate")
 
 
+SHIPPED_CONFIG: Final = Path(__file__).resolve().parent / "shipped" / "config.yaml"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="run.py", description="Tollgate: a rate-limiting reverse proxy.")
-    parser.add_argument("--config", default="config.yaml", help="configuration file (default: config.yaml)")
+    parser.add_argument("--config", help="configuration file (default: ./config.yaml if there is one, "
+                        "else the demo config shipped with Tollgate)")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--no-mock", action="store_true", help="do not start the mock upstream")
     return parser.parse_args(argv)
 
 
+def default_config_path() -> Path:
+    """./config.yaml where there is one (a checkout, an operator's folder), else
+    the shipped demo config, so an installed `tollgate` runs from any folder."""
+    here = Path("config.yaml")
+    return here if here.exists() else SHIPPED_CONFIG
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.config is None:
+        args.config = str(default_config_path())
     try:
         config = config_module.load(args.config)
     except ConfigError as exc:

@@ -21,7 +21,7 @@ from .limits.memory import MemoryStore
 from .limits.store import Store
 from .reload import Reloader
 from .runtime import RUNTIME, Runtime
-from .server import SERVE
+from .server import SERVE, Serve
 from .tasks import every
 
 SWEEP_INTERVAL = 10.0  # seconds between drops of state that is fresh again
@@ -39,14 +39,22 @@ def build_runtime(config: Config, store: Store, *, fallback: MemoryStore | None 
 
 def build_proxy_app(runtime: Runtime) -> web.Application:
     """The server port: every method and path goes to the one handler."""
-    # auto_decompress off: a gzip request body is forwarded as sent, not inflated.
-    app = web.Application(handler_args={"auto_decompress": False, "max_field_size": 8190, "max_line_size": 8190})
+    app = web.Application()
     app[RUNTIME] = runtime
-    app[SERVE] = functools.partial(handle, runtime)  # every method and path, no router
+    # auto_decompress off: a gzip request body is forwarded as sent, not inflated.
+    app[SERVE] = Serve(functools.partial(handle, runtime),
+                       {"auto_decompress": False, "max_field_size": 8190, "max_line_size": 8190})
     app.cleanup_ctx.append(_upstream_pool)
     app.cleanup_ctx.append(_memory_sweeper)
+    app.on_shutdown.append(_close_tunnels)
     app.on_cleanup.append(_close_access_log)
     return app
+
+
+async def _close_tunnels(app: web.Application) -> None:
+    """Upgraded connections never finish on their own: close them when the
+    listener closes, so they do not hold the drain to server.shutdown_timeout."""
+    app[RUNTIME].tunnels.close_all()
 
 
 async def _close_access_log(app: web.Application) -> None:

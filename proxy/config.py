@@ -221,16 +221,16 @@ def parse_yaml(text: str) -> tuple[Any, list[str]]:
     loader = yaml.SafeLoader(text)
     duplicates: list[str] = []
     try:
-        node = loader.get_single_node()  # type: ignore[no-untyped-call]
+        node = loader.get_single_node()
         _duplicates(node, "", duplicates)
-        tree = loader.construct_document(node) if node is not None else None  # type: ignore[no-untyped-call]
+        tree = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{where}invalid YAML: {problem}"]) from exc
     finally:
-        loader.dispose()  # type: ignore[no-untyped-call]
+        loader.dispose()
     return tree, duplicates
 
 
@@ -353,7 +353,7 @@ def _url(ck: _Checker, path: str, value: Any, default: str, schemes: tuple[str, 
     if parts.scheme not in schemes or (parts.scheme != "unix" and not parts.hostname):
         ck.error(path, f"must be a {' or '.join(s + '://' for s in schemes)} URL with a host", mask_url(url))
         return default
-    return url
+    return str(url)
 
 
 def mask_url(url: str) -> str:

@@ -33,7 +33,9 @@ from aiohttp_sse import EventSourceResponse
 
 StatsProvider = Callable[[], Awaitable[dict[str, Any]]]
 
-TEMPLATES_DIR: Final = Path(__file__).resolve().parent.parent / "templates"
+# proxy/shipped/templates links to the top-level templates/ in a checkout and is
+# a copy of it in an installed wheel.
+TEMPLATES_DIR: Final = Path(__file__).resolve().parent / "shipped" / "templates"
 STATIC_DIR: Final = TEMPLATES_DIR / "static"
 
 # Only these types are served; anything else in static/ stays private.

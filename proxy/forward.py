@@ -20,7 +20,9 @@ from aiohttp import HttpVersion11, web
 from yarl import URL
 
 from . import responses
+from .aiohttp_private import send_interim
 from .problems import problem
+from .tunnel import ClientStream, Upgraded
 from .upstream import ConnectFailed, ConnectTimeout, Pool, Response, UpstreamError, UpstreamTimeout
 
 HOP_BY_HOP: Final = frozenset(
@@ -36,6 +38,9 @@ HOP_BY_HOP: Final = frozenset(
 REQUEST_SKIP: Final = HOP_BY_HOP | {b"host", b"expect", b"content-length", b"x-forwarded-for",
                                     b"x-forwarded-proto", b"x-forwarded-host"}
 RESPONSE_SKIP: Final = HOP_BY_HOP | {b"content-length"}
+# A 101's Upgrade and Connection say what the connection switched to: they go to the client as sent.
+SWITCH_SKIP: Final = RESPONSE_SKIP - {b"connection", b"upgrade"}
+CONNECTION_UPGRADE: Final = b"Connection: upgrade\r\n"
 PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})  # Connection values naming no other header
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 FORWARDED_PROTO_HTTP: Final = b"X-Forwarded-Proto: http\r\n"
@@ -108,9 +113,21 @@ def _connection_named(value: bytes) -> set[bytes]:
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
 
 
-def request_head(request: web.BaseRequest, upstream: Upstream, target: bytes) -> tuple[bytes, bool]:
+def is_upgrade(request: web.BaseRequest) -> bool:
+    """Does the client ask to switch protocols (RFC 9110 §7.8: HTTP/1.1, an
+    Upgrade header and the "upgrade" token in Connection)?"""
+    headers = request.headers
+    if "Upgrade" not in headers or request.version != HttpVersion11:
+        return False
+    return any(b"upgrade" in _connection_named(value.encode("latin-1"))
+               for value in headers.getall("Connection", ()))
+
+
+def request_head(request: web.BaseRequest, upstream: Upstream, target: bytes, *,
+                 upgrade: bool = False) -> tuple[bytes, bool]:
     """The request head to send upstream (end-to-end headers plus X-Forwarded-*),
-    and whether its body goes chunked."""
+    and whether its body goes chunked. An `upgrade` request keeps its Upgrade
+    headers and says `Connection: upgrade`."""
     lines = [b"%s %s HTTP/1.1\r\n" % (request.method.encode("ascii"), target)]
     host = forwarded_for = None
     named: set[bytes] | None = None
@@ -130,8 +147,13 @@ def request_head(request: web.BaseRequest, upstream: Upstream, target: bytes) ->
                 length = value
             elif lname == b"transfer-encoding":
                 chunked = True
+            elif lname == b"upgrade" and upgrade:
+                lines.append(b"%s: %s\r\n" % (name, value))
             continue
         lines.append(b"%s: %s\r\n" % (name, value))
+    if upgrade:
+        named = (named or set()) - {b"upgrade"}
+        lines.append(CONNECTION_UPGRADE)
     if named:  # rare: drop what Connection named, keeping order
         lines = [lines[0]] + [line for line in lines[1:] if line.split(b":", 1)[0].lower() not in named]
     peer = (request.remote or "").encode("ascii")
@@ -166,8 +188,7 @@ async def _client_body(request: web.BaseRequest, limit: int | None, send_continu
     (nginx too sends it only when it starts reading the body).
     """
     if send_continue:
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the interim response is not the answer's body
+        await send_interim(request.writer, b"HTTP/1.1 100 Continue\r\n\r\n")
     sent = 0
     content = request.content
     while True:
@@ -214,34 +235,39 @@ async def forward(
     UpstreamBroken after, and UpstreamError for `upstream_failure` to map.
     """
     send_continue = wants_continue(request)
-    head, chunked = request_head(request, upstream, upstream_target(request, upstream))
+    upgrade = is_upgrade(request)
+    head, chunked = request_head(request, upstream, upstream_target(request, upstream), upgrade=upgrade)
     body = _client_body(request, upstream.max_body_size, send_continue) if request.body_exists else None
     try:
-        answer = await pool.request(head, body, method=request.method, chunked=chunked)
+        answer = await pool.request(head, body, method=request.method, chunked=chunked, upgrade=upgrade)
     except UpstreamError:
         if request.transport is None or request.transport.is_closing():
             raise ClientGone from None
         raise
+    if answer.tunnel is not None:
+        return await _switch(request, answer, lines)
     try:
         return await _relay(request, answer, lines)
     finally:
         answer.close()
 
 
+def _relayed(response: responses.Relayed, answer: Response, lines: bytes) -> None:
+    response.raw, response.has_date = response_head_lines(answer)
+    response.reason_bytes = answer.reason.encode("latin-1")
+    response.lines = lines
+
+
 async def _relay(request: web.BaseRequest, answer: Response, lines: bytes) -> web.StreamResponse:
     no_body = request.method == "HEAD" or answer.status in NO_BODY_STATUSES
-    headers = response_headers(answer)
-    response: web.StreamResponse
     if answer.complete and answer.length is not None and not no_body:
         # The body arrived whole with its head (most API answers): both go out in one write.
-        response = responses.Response(status=answer.status, reason=answer.reason or None, headers=headers,
-                                      body=answer.buffered())
-        response.lines = lines
-        return response
-    if answer.length is not None:
-        headers.append(("Content-Length", answer.length.decode("latin-1")))
-    response = responses.StreamResponse(status=answer.status, reason=answer.reason or None, headers=headers)
-    response.lines = lines
+        whole = responses.RelayedResponse(status=answer.status, body=answer.buffered())
+        _relayed(whole, answer, lines)
+        return whole
+    framing = None if answer.length is None else {"Content-Length": answer.length.decode("latin-1")}
+    response = responses.RelayedStream(status=answer.status, headers=framing)
+    _relayed(response, answer, lines)
     try:
         await response.prepare(request)
         if no_body:
@@ -256,23 +282,68 @@ async def _relay(request: web.BaseRequest, answer: Response, lines: bytes) -> we
     return response
 
 
-def response_headers(source: Response) -> list[tuple[str, str]]:
-    """End-to-end response headers, duplicates (Set-Cookie) and order kept
+async def _switch(request: web.BaseRequest, answer: Response, lines: bytes) -> Upgraded:
+    """The upstream accepted the upgrade: its 101 goes to the client, and from
+    then on the client's bytes are the tunnel's (`proxy.tunnel` runs it)."""
+    tunnel = answer.tunnel
+    assert tunnel is not None
+    client = ClientStream(request)
+    response = Upgraded(tunnel=tunnel, client=client)
+    raw, connection, response.has_date = switch_head_lines(answer)
+    if connection is not None:  # sent by aiohttp as framing; without it, aiohttp would say "close"
+        response.headers["Connection"] = connection.decode("latin-1")
+    response.raw = raw
+    response.reason_bytes = answer.reason.encode("latin-1")
+    response.lines = lines
+    try:
+        client.attach(request)  # before the 101 leaves: the client may answer it at once
+        await response.prepare(request)
+    except BaseException as exc:
+        tunnel.close()
+        if isinstance(exc, ConnectionError):
+            raise ClientGone from exc
+        raise
+    return response
+
+
+def switch_head_lines(source: Response) -> tuple[bytes, bytes | None, bool]:
+    """A 101's header lines byte for byte but its Connection (returned apart:
+    aiohttp writes that line), and whether Date is among them. Upgrade and
+    Connection say what the connection switched to, so unlike other answers'
+    they go to the client; the other hop-by-hop headers do not."""
+    out = []
+    connection: list[bytes] = []
+    for name, value in source.headers:
+        lname = name.lower()
+        if lname == b"connection":
+            connection.append(value)
+        elif lname not in SWITCH_SKIP:
+            out.append(b"%s: %s\r\n" % (name, value))
+    has_date = any(line[:5].lower() == b"date:" for line in out)
+    return b"".join(out), b", ".join(connection) if connection else None, has_date
+
+
+def response_head_lines(source: Response) -> tuple[bytes, bool]:
+    """The upstream's end-to-end header lines, byte for byte, duplicates
+    (Set-Cookie) and order kept, and whether Date is among them
     (Content-Length is the caller's: it depends on how the body goes out).
 
-    A list, which aiohttp turns into its header multidict in one C call. One
-    pass; a second only when Connection names a header of its own, which
+    One pass; a second only when Connection names a header of its own, which
     "keep-alive" and "close", nearly every upstream's, do not.
     """
     out = []
     named: set[bytes] = set()
+    has_date = False
     for name, value in source.headers:
         lname = name.lower()
         if lname in RESPONSE_SKIP:
             if lname == b"connection" and value.lower() not in PLAIN_CONNECTION:
                 named |= _connection_named(value) - HOP_BY_HOP
             continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+        if lname == b"date":
+            has_date = True
+        out.append(b"%s: %s\r\n" % (name, value))
     if named:
-        out = [(name, value) for name, value in out if name.lower().encode("latin-1") not in named]
-    return out
+        out = [line for line in out if line.split(b":", 1)[0].lower() not in named]
+        has_date = has_date and b"date" not in named
+    return b"".join(out), has_date

@@ -24,6 +24,7 @@ from .ratelimit_headers import rate_limit_lines, refusing_limit, retry_after_hea
 from .records import RequestRecord
 from .runtime import Runtime
 from .target import HTTP_1, refuse_target, route_path
+from .tunnel import Upgraded
 from .upstream import UpstreamError
 
 NO_ROUTE: Final = Route(path="/")
@@ -120,6 +121,13 @@ async def _forward(
         record.upstream_seconds = time.perf_counter() - upstream_started
         runtime.observe(record, time.perf_counter() - started)
         return web.Response(status=499)
+    except asyncio.CancelledError:
+        # Cut: the shutdown's drain ran out (or aiohttp dropped the connection). Still logged.
+        record.status = 499
+        record.upstream_error = "cut"
+        record.upstream_seconds = time.perf_counter() - upstream_started
+        runtime.observe(record, time.perf_counter() - started)
+        raise
     except UpstreamError as exc:
         response = upstream_failure(exc, runtime.upstream)
         record.upstream_error = exc.kind
@@ -128,6 +136,10 @@ async def _forward(
     record.upstream_seconds = time.perf_counter() - upstream_started
     record.status = response.status
     runtime.observe(record, time.perf_counter() - started)
+    if isinstance(response, Upgraded):
+        # Recorded above as the 101 it is, with the handshake's timing; the
+        # connection's life is the tunnel's, and it ends here.
+        await runtime.tunnels.run(request, response, linger=runtime.upstream.timeout)
     return response
 
 

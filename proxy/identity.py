@@ -145,4 +145,5 @@ def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) ->
 
 def _remember(config: Config, peer: str) -> Client:
     client = Client(peer, config.tiers["anonymous"], address_identity(peer))
-    return keep(config.peer_clients, peer, client, MAX_PEER_CLIENTS)
+    kept: Client = keep(config.peer_clients, peer, client, MAX_PEER_CLIENTS)
+    return kept

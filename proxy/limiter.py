@@ -2,8 +2,11 @@
 `storage.on_error` when the store cannot answer in time.
 
 While the store is down the limiter does not pay a failed call per request:
-it backs off (0.5 s doubling to 5 s) and applies the policy at once, then lets
-one request probe. The outage is logged once, and so is the recovery.
+it applies the policy at once and lets one request probe the store after
+0.5 s, doubling per failed probe up to 5 s. Requests that were already in
+flight when the store failed fail too, but do not lengthen the back-off: at
+a high request rate a short stall would otherwise turn into seconds of
+degraded answers. The outage is logged once, and so is the recovery.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -59,6 +62,7 @@ class Health:
     errors: int = 0
     retry_at: float = 0.0
     backoff: float = field(default=BACKOFF_START)
+    probing: bool = False  # one request is probing the store now; the others get on_error
 
 
 class Limiter:
@@ -66,9 +70,10 @@ class Limiter:
 
     def __init__(
         self, store: Store, *, on_error: str = "allow", timeout: float = 0.05,
-        fallback: MemoryStore | None = None, describe: str = "",
+        fallback: MemoryStore | None = None, describe: str = "", clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
+        self.clock = clock
         self.on_error = on_error
         self.timeout = timeout
         self.fallback = fallback if fallback is not None else MemoryStore()
@@ -98,8 +103,11 @@ class Limiter:
                     return Verdict(True, o.delay), outcomes
                 return (ALLOW if o.allowed else REFUSE), outcomes
             return _decision(outcomes)
-        if not self.health.healthy and time.monotonic() < self.health.retry_at:
-            return self._on_error(identity, tier.limits, cost)
+        health = self.health
+        if not health.healthy:
+            if health.probing or self.clock() < health.retry_at:
+                return self._on_error(identity, tier.limits, cost)
+            health.probing = True  # this request probes; consult_store ends the probe
         return None
 
     async def decide(self, identity: str, tier: Tier, cost: int) -> Decision:
@@ -110,11 +118,15 @@ class Limiter:
 
     async def consult_store(self, identity: str, tier: Tier, cost: int) -> Decision:
         """The decision from the store, where `decide_now` said one is needed."""
+        probe = not self.health.healthy
         try:
             outcomes = await self.store.acquire(identity, tier.limits, cost, timeout=self.timeout)
         except (StorageUnavailable, TimeoutError) as exc:
-            self._failed(exc)
+            self._failed(exc, probe=probe)
             return self._on_error(identity, tier.limits, cost)
+        finally:
+            if probe:
+                self.health.probing = False  # answered, failed or cancelled: the next may probe
         if not self.health.healthy:
             self._recovered()
         return _decision(outcomes)
@@ -127,21 +139,24 @@ class Limiter:
             return _decision(outcomes, degraded=True)
         return FAIL_OPEN
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, *, probe: bool = False) -> None:
+        """A call failed: the first failure starts the back-off, a failed probe
+        doubles it, and a request that was in flight before the outage changes
+        nothing more."""
         health = self.health
         health.errors += 1
         # A store's own message names its (masked) URL; a timeout says nothing.
         reason = str(exc) or f"{self._describe} did not answer within {self.timeout:g}s"
         health.last_error = reason
-        now = time.monotonic()
         if health.healthy:
             health.healthy = False
             health.down_since = time.time()
             health.backoff = BACKOFF_START
+            health.retry_at = self.clock() + health.backoff
             log.error("storage unavailable: %s; storage.on_error=%s is in force", reason, self.on_error)
-        else:
+        elif probe:
             health.backoff = min(BACKOFF_MAX, health.backoff * 2)
-        health.retry_at = now + health.backoff
+            health.retry_at = self.clock() + health.backoff
 
     def _recovered(self) -> None:
         outage = time.time() - (self.health.down_since or time.time())

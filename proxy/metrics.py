@@ -20,7 +20,7 @@ from prometheus_client.utils import floatToGoString
 
 from .records import RequestRecord
 
-disable_created_metrics()  # *_created series double the scrape and no dashboard reads them
+disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series double the scrape and no dashboard reads them
 
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -59,7 +59,7 @@ class _RequestCollector(Collector):
         cumulative, buckets = 0, []
         for bound, count in zip((*DURATION_BUCKETS, float("inf")), m.duration_counts):
             cumulative += count
-            buckets.append((floatToGoString(bound), cumulative))
+            buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
         yield HistogramMetricFamily("tollgate_request_duration_seconds",
                                     "Time from request to response headers, upstream included.",
                                     buckets=buckets, sum_value=m.duration_sum)

@@ -24,8 +24,10 @@ from .tasks import every
 
 log = logging.getLogger("tollgate.reload")
 
-POLL_INTERVAL = 0.5  # seconds between looks at the file: changes show within 2 s
-RESTART_ONLY = (
+POLL_INTERVAL = 0.25  # seconds between looks at the file
+SETTLE = 0.5  # a change is taken once the file stayed the same this long: within 1 s in all
+EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
+RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("server.host", lambda c: c.server.host), ("server.port", lambda c: c.server.port),
     ("admin.host", lambda c: c.admin.host), ("admin.port", lambda c: c.admin.port),
     ("storage.backend", lambda c: c.storage.backend), ("storage.url", lambda c: c.storage.url),
@@ -59,12 +61,24 @@ def _digest(path: str) -> str | None:
         return None
 
 
+def _blank(path: str) -> bool:
+    """Nothing but white space (YAML reads that as an empty config)."""
+    try:
+        with open(path, "rb") as fh:
+            return not fh.read().strip()
+    except OSError:
+        return True
+
+
 class Reloader:
     """Owns the reload of `runtime.config`; every trigger goes through `reload`."""
 
-    def __init__(self, runtime: Runtime, on_result: Callable[[ReloadResult], None] | None = None) -> None:
+    def __init__(self, runtime: Runtime, on_result: Callable[[ReloadResult], None] | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.runtime = runtime
         self.on_result = on_result
+        self.clock = clock
+        self._settling: tuple[tuple[int, int, int] | None, float] | None = None  # a change settling since
         self._lock = asyncio.Lock()
         path = runtime.config.path
         self._signature = _signature(path) if path else None
@@ -123,21 +137,40 @@ class Reloader:
         task = asyncio.get_running_loop().create_task(self.reload(trigger))
         self._pending = task  # keep a reference until done
 
-    async def _changed(self) -> bool:
+    async def poll(self) -> ReloadResult | None:
+        """One look at the watched file: a change is taken once it has stayed the
+        same for SETTLE seconds (an editor or a deploy may write it in steps), and
+        an empty or unreadable file never replaces a config read from a non-empty
+        one (a half-written file would otherwise swap in the defaults)."""
         path = self.runtime.config.path
         if path is None:
-            return False
+            return None
         signature = _signature(path)
-        if signature is None or signature == self._signature:
-            return False
+        if signature == self._signature:
+            self._settling = None
+            return None
+        now = self.clock()
+        if self._settling is None or self._settling[0] != signature:
+            self._settling = (signature, now)
+            return None
+        if now - self._settling[1] < SETTLE:
+            return None
+        self._settling = None
+        digest = _digest(path)
+        if (digest is None or _blank(path)) and self._digest not in (None, EMPTY_DIGEST):
+            self._signature = signature  # warned once for this state of the file
+            log.warning("config file %s is %s; the running config (version %d) stays in force",
+                        path, "unreadable" if digest is None else "empty", self.runtime.version)
+            return None
         self._signature = signature
-        return _digest(path) != self._digest
+        if digest == self._digest:
+            return None
+        return await self.reload("file change")
 
     def watching(self, interval: float = POLL_INTERVAL) -> contextlib.AbstractAsyncContextManager[None]:
         """Poll the file (stat is cheap and sees renames and symlink swaps alike)."""
 
         async def check() -> None:
-            if await self._changed():
-                await self.reload("file change")
+            await self.poll()
 
         return every(interval, check, name="tollgate-config-watch")

@@ -19,6 +19,7 @@ from .limiter import Limiter
 from .metrics import Metrics
 from .records import Observer, RequestRecord
 from .stats import Stats
+from .tunnel import Tunnels
 from .upstream import Pool
 
 
@@ -37,6 +38,7 @@ class Runtime:
     pool: Pool = field(init=False)  # opened by the proxy app's cleanup_ctx
     upstream: Upstream = field(init=False)
     stats: Stats = field(default_factory=Stats)
+    tunnels: Tunnels = field(default_factory=Tunnels)  # upgraded connections open now
     metrics: Metrics = field(init=False)
     observers: list[Observer] = field(init=False)
     access_log: AccessLog | None = None  # None: one on stderr in config's log.format

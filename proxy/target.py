@@ -19,6 +19,7 @@ from typing import Final
 from aiohttp import HttpVersion10, HttpVersion11, web
 from yarl import URL
 
+from .aiohttp_private import reply_as_http11
 from .problems import problem
 
 HTTP_1: Final = (HttpVersion11, HttpVersion10)
@@ -84,9 +85,7 @@ def refuse_target(request: web.BaseRequest) -> web.Response | None:
     (proxy.server answers 400).
     """
     if request.version not in HTTP_1:
-        # aiohttp writes the request's version in the status line ("HTTP/2.0 505"): answer
-        # in 1.1. `version` is a reify; its value lives in `_cache` (tests/test_target.py reads the line).
-        request._cache["version"] = HttpVersion11
+        reply_as_http11(request)  # not "HTTP/2.0 505" (tests/test_target.py reads the line)
         response = problem(505, "http_version_not_supported", "Only HTTP/1.0 and HTTP/1.1 are supported.")
     elif request.method == "CONNECT":
         response = problem(405, "method_not_allowed", "CONNECT is not supported: Tollgate is a reverse proxy, "

@@ -52,9 +52,14 @@ class _Stale(UpstreamError):
 
 
 class Response:
-    """An upstream response: status, raw headers, then body chunks from `read()`."""
+    """An upstream response: status, raw headers, then body chunks from `read()`.
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_waiter", "headers", "length", "reason", "status")
+    A 101 to an upgrade request has no body: its `tunnel` carries the
+    connection's bytes from then on (None for every other answer).
+    """
+
+    __slots__ = ("_buffered", "_chunks", "_conn", "_done", "_error", "_waiter", "headers", "length", "reason",
+                 "status", "tunnel")
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: bytes | None,
                  conn: _Connection) -> None:
@@ -68,6 +73,7 @@ class Response:
         self._done = False
         self._error: UpstreamError | None = None
         self._conn: _Connection | None = conn
+        self.tunnel: Tunnel | None = None
 
     @property
     def complete(self) -> bool:
@@ -130,6 +136,78 @@ class Response:
             waiter.set_result(None)
 
 
+class Tunnel:
+    """An upgraded upstream connection as a raw byte stream both ways.
+
+    Never pooled: its bytes belong to the protocol the upstream switched to.
+    Reading stops (backpressure) while more than HIGH_WATER bytes wait here;
+    the upstream's EOF only half-closes, so bytes can still go out until close().
+    """
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def read(self) -> bytes:
+        """The next bytes from the upstream; b"" once it has closed or reset."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        conn = self._conn
+        if conn.paused_reading and self._buffered < LOW_WATER:
+            conn.resume_reading()
+        return chunk
+
+    def write(self, data: bytes) -> None:
+        """Send bytes upstream; raises ConnectionResetError once the connection is gone."""
+        transport = self._conn.transport
+        if self._conn.closed or transport is None or transport.is_closing():
+            raise ConnectionResetError("the upstream connection is closed")
+        transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the upstream's socket buffer is full."""
+        await self._conn.drained()
+
+    def write_eof(self) -> None:
+        """Half-close: the upstream sees EOF and may still answer."""
+        transport = self._conn.transport
+        if transport is not None and not self._conn.closed and transport.can_write_eof():
+            transport.write_eof()
+
+    def close(self) -> None:
+        """Close the connection (bytes already written are still flushed)."""
+        self._conn._close()
+
+    # called by the connection
+    def _feed(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(data)
+            self._buffered += len(data)
+            if self._buffered > HIGH_WATER and not self._conn.paused_reading:
+                self._conn.pause_reading()
+        self._wake()
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
 class _Connection(asyncio.Protocol):
     """One upstream connection: idle in the pool, or carrying one exchange."""
 
@@ -158,6 +236,8 @@ class _Connection(asyncio.Protocol):
         self._reused = False
         self._body_sent = True  # False while a request body is still going out: not reusable then
         self._timer_at = 0.0
+        self._upgrade = False  # the request asks to switch protocols
+        self._tunnel: Tunnel | None = None  # after a 101: the connection is a raw byte stream
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -166,12 +246,22 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_io = self.loop.time()
+        if self._tunnel is not None:
+            self._tunnel._feed(data)
+            return
         if not self.busy:
             self._close()  # bytes nobody asked for: the connection cannot be trusted
             return
         self._got_bytes = True
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self._tunnel is None:
+                self._fail(UpstreamError("the upstream switched protocols unasked"))
+                self._close()
+            else:  # bytes of the new protocol that came with the 101 head
+                self._tunnel._feed(data[exc.args[0]:])
+            return
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"invalid response from the upstream: {exc}"))
             self._close()
@@ -181,6 +271,9 @@ class _Connection(asyncio.Protocol):
             self.parser = httptools.HttpResponseParser(self)
 
     def eof_received(self) -> bool | None:
+        if self._tunnel is not None:
+            self._tunnel._feed_eof()
+            return self.pool.ssl is None  # keep sending after the upstream's half-close (not over TLS)
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -191,6 +284,9 @@ class _Connection(asyncio.Protocol):
             self._timer = None
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionError("upstream connection lost"))
+        if self._tunnel is not None:
+            self._tunnel._feed_eof()
+            return
         if not self.busy:
             return
         response = self._response
@@ -221,6 +317,9 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if status == 101 and self._upgrade and self.parser.should_upgrade():
+            self._start_tunnel()
+            return
         if status < 200:  # 100 Continue, 103 Early Hints: interim, the real answer follows
             self._interim = True
             self._headers = []
@@ -248,12 +347,37 @@ class _Connection(asyncio.Protocol):
             self._reset_parser = True
             self._complete()
 
+    def _start_tunnel(self) -> None:
+        """The upstream accepted the upgrade: from here on the connection is the tunnel's."""
+        response = Response(101, b"".join(self._status_text), self._headers, None, self)
+        response._finish()  # no body; closing the Response leaves the connection to the tunnel
+        response.tunnel = self._tunnel = Tunnel(self)
+        self._headers = []
+        self._status_text = []
+        if self._timer is not None:  # a tunnel may stay silent for as long as its endpoints like
+            self._timer.cancel()
+            self._timer = None
+        head, self._head = self._head, None
+        if head is not None and not head.done():
+            head.set_result(response)
+
+    async def drained(self) -> None:
+        """Return once the transport takes more writes; raise if the connection is lost."""
+        if self.closed:
+            raise ConnectionResetError("the upstream connection is closed")
+        if self._write_paused:
+            if self._drain is None or self._drain.done():
+                self._drain = self.loop.create_future()
+            await self._drain
+
     def on_body(self, body: bytes) -> None:
         response = self._response
         if response is not None:
             response._feed(body)
 
     def on_message_complete(self) -> None:
+        if self._tunnel is not None:
+            return
         if self._interim:
             self._interim = False
             return
@@ -262,10 +386,11 @@ class _Connection(asyncio.Protocol):
 
     # -- one exchange
     async def exchange(self, head: bytes, body: AsyncIterator[bytes] | None, *, chunked: bool,
-                       head_only: bool, reused: bool) -> Response:
+                       head_only: bool, reused: bool, upgrade: bool = False) -> Response:
         """Send one request, return its response once the head has arrived."""
         assert self.transport is not None
         self.busy = True
+        self._upgrade = upgrade
         self._reused = reused
         self._got_bytes = False
         self._head_only = head_only
@@ -324,7 +449,7 @@ class _Connection(asyncio.Protocol):
     def _complete(self) -> None:
         response, self._response = self._response, None
         self.busy = False
-        reusable = (not self._until_close and not self.closed and self._body_sent
+        reusable = (not self._until_close and not self.closed and self._body_sent and not self._upgrade
                     and self.parser.should_keep_alive())
         if response is not None:
             response._finish()
@@ -373,7 +498,7 @@ class _Connection(asyncio.Protocol):
 
     def _check(self) -> None:
         self._timer = None
-        if self.closed:
+        if self.closed or self._tunnel is not None:
             return
         limit = self.pool.timeout if self.busy else self.pool.keepalive
         left = self.last_io + limit - self.loop.time()
@@ -406,14 +531,19 @@ class Pool:
         return len(self._all) - len(self._idle)
 
     async def request(self, head: bytes, body: AsyncIterator[bytes] | None = None, *, method: str,
-                      chunked: bool = False) -> Response:
+                      chunked: bool = False, upgrade: bool = False) -> Response:
         """Send a request (its head already serialized) and return the response head.
 
         A kept-alive connection that turns out closed is retried once on a new
         one when nothing of the request can have been acted on (an idempotent
         method without a body), as nginx's proxy_next_upstream does.
+        An `upgrade` request goes on a new connection that is never pooled
+        afterwards; a 101 answer's `tunnel` then owns it.
         """
         head_only = method == "HEAD"
+        if upgrade:
+            new = await self._connect()
+            return await new.exchange(head, body, chunked=chunked, head_only=head_only, reused=False, upgrade=True)
         conn = self._take()
         if conn is not None:
             try:

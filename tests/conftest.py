@@ -69,10 +69,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     `stop()` (hung), `cont()`, `restart()` (same port). Fails, never skips, when
     redis-server is not installed.
     """
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.close()
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
 
 
 @pytest.fixture

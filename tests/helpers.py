@@ -14,6 +14,8 @@ enough. conftest.py wraps them in fixtures.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import http.client
 import itertools
 import os
@@ -40,6 +42,24 @@ POLL_INTERVAL: Final = 0.02
 STOP_TIMEOUT: Final = 5.0
 
 _log_names = itertools.count(1)
+# Every ProcessHandle not yet closed: whatever a failed or interrupted test left
+# running is stopped when the test process exits (atexit), and if that process
+# is killed outright, each child gets SIGKILL from the kernel (PR_SET_PDEATHSIG).
+_RUNNING: set[ProcessHandle] = set()
+PR_SET_PDEATHSIG: Final = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel kills it when the test process dies."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@atexit.register
+def stop_leftovers() -> None:
+    """Stop every process a test started and did not stop, by its pid."""
+    for handle in list(_RUNNING):
+        handle.close()
 
 
 def free_port(host: str = LOCALHOST) -> int:
@@ -124,7 +144,9 @@ class ProcessHandle:
                 stdout=out,
                 stderr=err,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
+        _RUNNING.add(self)
 
     @property
     def pid(self) -> int:
@@ -194,6 +216,7 @@ class ProcessHandle:
         if self.is_running():
             self.send_signal(signal.SIGCONT)
             self.terminate()
+        _RUNNING.discard(self)
 
     def __enter__(self) -> ProcessHandle:
         return self
@@ -416,6 +439,18 @@ class RedisServer:
         """Stop our own process only, resuming it first if it was SIGSTOPped."""
         if self._process is not None:
             self._process.close()
+
+    def __enter__(self) -> RedisServer:
+        """Started, and stopped on leaving the block whatever happens in it."""
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 @dataclass

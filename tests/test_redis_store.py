@@ -353,9 +353,7 @@ async def test_packed_decisions_never_cross_clients_costs_modes_or_tiers(
 
 async def test_password_and_database_from_the_url(tmp_path) -> None:
     """The decision pipe authenticates and selects the URL's database itself."""
-    server = RedisServer(tmp_path / "auth", password="s3cret")
-    server.start()
-    try:
+    with RedisServer(tmp_path / "auth", password="s3cret") as server:
         good = RedisStore.from_config(StorageConfig(
             backend="redis", url=f"redis://:s3cret@127.0.0.1:{server.port}/3", key_prefix=PREFIX, timeout=1.0))
         try:
@@ -374,23 +372,24 @@ async def test_password_and_database_from_the_url(tmp_path) -> None:
             assert "AUTH" in str(failure.value) and "wrong-pw" not in str(failure.value)
         finally:
             await bad.close()
-    finally:
-        server.close()
 
 
 async def test_requests_during_the_handshake_wait_for_auth(tmp_path) -> None:
     """Requests that arrive while the pipe is connected but still authenticating
     must not overtake its AUTH and SELECT: each would get NOAUTH or land in db 0."""
-    server = RedisServer(tmp_path / "burst", password="s3cret")
-    server.start()
+    with RedisServer(tmp_path / "burst", password="s3cret") as server:
+        await _burst_during_the_handshake(server)
+
+
+async def _burst_during_the_handshake(server: RedisServer) -> None:
     store = RedisStore.from_config(StorageConfig(
         backend="redis", url=f"redis://:s3cret@127.0.0.1:{server.port}/2", key_prefix=PREFIX, timeout=2.0))
-    pipe = store._pipe
-    assert pipe is not None
-    # As after a reconnect: the script is cached, so nothing retries a command that went out too early.
-    source = resources.files("proxy.limits").joinpath("lua/acquire.lua").read_text()
-    redis_command(server.port, "SCRIPT", "LOAD", source, password="s3cret")
     try:
+        pipe = store._pipe
+        assert pipe is not None
+        # As after a reconnect: the script is cached, so nothing retries a command that went out too early.
+        source = resources.files("proxy.limits").joinpath("lua/acquire.lua").read_text()
+        redis_command(server.port, "SCRIPT", "LOAD", source, password="s3cret")
         first = asyncio.ensure_future(store.acquire("a:198.51.100.0", FOUR[:1], 1))
         for _ in range(10_000):  # loop turns, not time: until the TCP connection is up
             if pipe._transport is not None:
@@ -403,7 +402,6 @@ async def test_requests_during_the_handshake_wait_for_auth(tmp_path) -> None:
         assert redis_command(server.port, "DBSIZE", password="s3cret", db=0) == 0
     finally:
         await store.close()
-        server.close()
 
 
 @pytest.mark.parametrize(("argv", "error"), [

@@ -13,6 +13,11 @@ import aiohttp
 from harness import running
 from helpers import free_port
 
+from proxy.app import build_runtime
+from proxy.config import load
+from proxy.limits.memory import MemoryStore
+from proxy.reload import Reloader
+
 BASE = """
 upstream: {url: "{upstream}"}
 tiers:
@@ -154,3 +159,61 @@ async def test_sighup_reloads_a_running_process(run_process, tmp_path, upstream)
     assert "config reloaded" in proc.stderr_text() or proc.is_running()
     assert proc.terminate() == 0
     assert Path(path).exists()
+
+
+# --- the file watcher: settled files only, never an empty one -----------------
+
+
+DEFAULT_UPSTREAM = "http://127.0.0.1:9000"  # what an empty config names: the same pool, no connection made
+
+
+def watcher(path: Path, clock) -> Reloader:
+    runtime = build_runtime(load(path), MemoryStore(clock))
+    return Reloader(runtime, clock=clock)
+
+
+async def test_a_change_is_taken_only_once_the_file_has_settled(tmp_path, fake_clock):
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE.replace("{upstream}", DEFAULT_UPSTREAM))
+    reloader = watcher(path, fake_clock)
+    path.write_text(CHANGED_DAILY.replace("{upstream}", DEFAULT_UPSTREAM)[:40])  # half written
+    assert await reloader.poll() is None
+    fake_clock.advance(0.3)
+    path.write_text(CHANGED_DAILY.replace("{upstream}", DEFAULT_UPSTREAM))  # the rest arrives
+    assert await reloader.poll() is None
+    fake_clock.advance(0.3)
+    assert await reloader.poll() is None  # changed 0.3 s ago: not settled yet
+    fake_clock.advance(0.2)
+    result = await reloader.poll()
+    assert result is not None and result.ok and reloader.runtime.version == 2
+    assert reloader.runtime.config.tiers["free"].limits[1].algorithm.limit == 500
+
+
+async def test_an_empty_file_never_replaces_a_running_config(tmp_path, fake_clock, caplog):
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE.replace("{upstream}", DEFAULT_UPSTREAM))
+    reloader = watcher(path, fake_clock)
+    for text in ("", "  \n"):  # truncated, then still blank, over more than a second
+        path.write_text(text)
+        for _ in range(3):
+            assert await reloader.poll() is None
+            fake_clock.advance(0.5)
+    assert reloader.runtime.version == 1
+    assert "free" in reloader.runtime.config.tiers
+    assert "is empty; the running config (version 1) stays in force" in caplog.text
+    path.write_text(CHANGED_DAILY.replace("{upstream}", DEFAULT_UPSTREAM))  # rewritten whole
+    assert await reloader.poll() is None
+    fake_clock.advance(0.5)
+    result = await reloader.poll()
+    assert result is not None and result.ok and reloader.runtime.version == 2
+
+
+async def test_sighup_and_the_api_take_an_empty_file_as_it_is(tmp_path, fake_clock):
+    """Only the watcher guards against half-written files: an operator's explicit
+    reload of an empty file is the documented empty config."""
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE.replace("{upstream}", DEFAULT_UPSTREAM))
+    reloader = watcher(path, fake_clock)
+    path.write_text("")
+    result = await reloader.reload("SIGHUP")
+    assert result.ok and set(reloader.runtime.config.tiers) == {"anonymous"}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import re
 import signal
 import sys
@@ -14,19 +16,20 @@ import aiohttp
 from helpers import REPO_ROOT, free_port
 
 
-def write_config(tmp_path: Path, *, mock_port: int, port: int, admin_port: int, extra: str = "") -> Path:
+def write_config(tmp_path: Path, *, mock_port: int, port: int, admin_port: int, extra: str = "",
+                 shutdown_timeout: float = 5) -> Path:
     path = tmp_path / "tollgate.yaml"
     path.write_text(
-        f"server: {{host: 127.0.0.1, port: {port}, shutdown_timeout: 5}}\n"
+        f"server: {{host: 127.0.0.1, port: {port}, shutdown_timeout: {shutdown_timeout}}}\n"
         f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
         f"upstream: {{url: 'http://127.0.0.1:{mock_port}', start_mock: true}}\n" + extra
     )
     return path
 
 
-def start(run_process, tmp_path: Path, extra: str = ""):
+def start(run_process, tmp_path: Path, extra: str = "", shutdown_timeout: float = 5):
     ports = {"mock_port": free_port(), "port": free_port(), "admin_port": free_port()}
-    cfg = write_config(tmp_path, extra=extra, **ports)
+    cfg = write_config(tmp_path, extra=extra, shutdown_timeout=shutdown_timeout, **ports)
     proc = run_process([sys.executable, "run.py", "--config", str(cfg)])
     proc.wait_for_port(ports["port"], timeout=15)
     proc.wait_for_port(ports["admin_port"], timeout=15)
@@ -178,8 +181,6 @@ async def test_json_access_log_one_line_per_request(run_process, tmp_path):
             async with session.get(base + path) as resp:
                 await resp.read()
     assert proc.terminate() == 0
-    import json
-
     lines = [json.loads(line) for line in proc.stderr_text().splitlines() if '"tollgate.access"' in line]
     assert [(e["path"], e["status"], e["decision"], e["tier"]) for e in lines] == [
         ("/users", 200, "allowed", "anonymous"), ("/status/404", 404, "allowed", "anonymous")]
@@ -204,3 +205,22 @@ async def test_a_second_signal_forces_exit(run_process, tmp_path):
     while pid_alive(mock_pid) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert not pid_alive(mock_pid)
+
+
+async def test_the_drain_keeps_to_shutdown_timeout_and_logs_the_cut_request(run_process, tmp_path):
+    """SIGTERM with a request that would take 30 s: the whole stop takes
+    shutdown_timeout (1 s here) plus the process's own exit, not twice that, and
+    the cut request still gets its access line."""
+    proc, ports = start(run_process, tmp_path, extra="log: {format: json}\n", shutdown_timeout=1)
+    async with aiohttp.ClientSession() as session:
+        slow = asyncio.create_task(session.get(f"http://127.0.0.1:{ports['port']}/delay/30"))
+        await asyncio.sleep(0.3)  # the request is in flight at the upstream
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+        took = time.monotonic() - started
+        with contextlib.suppress(aiohttp.ClientError):
+            await slow
+    assert took < 1.0 + 0.8, f"the drain took {took:.2f}s for a shutdown_timeout of 1s"
+    lines = [json.loads(line) for line in proc.stderr_text().splitlines() if '"tollgate.access"' in line]
+    assert [(line["path"], line["status"]) for line in lines] == [("/delay/30", 499)]

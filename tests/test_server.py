@@ -14,7 +14,7 @@ from aiohttp.http_parser import HttpRequestParserC
 from harness import running
 from recording import port_of, raw_request, recording_upstream
 
-from proxy.server import LLHTTP_METHODS, unknown_method
+from proxy.aiohttp_private import LLHTTP_METHODS, unknown_method
 
 OPEN = 'tiers: {anonymous: {unlimited: true}}\nupstream: {url: "{upstream}"}\n'
 

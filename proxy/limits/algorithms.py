@@ -284,6 +284,8 @@ class LeakyBucket(Algorithm):
     def _backlog(self, state: State, now: int) -> float:
         if state is None:
             return 0.0
+        backlog: float
+        at: int
         backlog, at = state
         return max(0.0, backlog - (now - at) * self.rate / US)
 

@@ -44,8 +44,8 @@ class MemoryStore(Store):
             return [outcome]
         states = []
         for limit in limits:
-            table = tables.get(limit.key)
-            states.append(None if table is None else table.get(identity))
+            found = tables.get(limit.key)
+            states.append(None if found is None else found.get(identity))
         outcomes, new_states = check_all([limit.algorithm for limit in limits], states, now, cost)
         if new_states is not None:
             for limit, state in zip(limits, new_states):

@@ -113,7 +113,7 @@ class RedisStore(Store):
         """The Redis key of `identity`'s state in `limit`."""
         return f"{self._prefix}{{{_digest(identity)}}}:{limit.key}"
 
-    def acquire(self, identity: str, limits: Sequence[Limit], cost: int,  # type: ignore[override]
+    def acquire(self, identity: str, limits: Sequence[Limit], cost: int,
                 timeout: float | None = None) -> Coroutine[Any, Any, list[Outcome]]:
         """Store.acquire; `_decide`'s coroutine itself, not one more wrapped around it."""
         return self._decide("acquire", identity, limits, cost, timeout)
@@ -210,7 +210,9 @@ class RedisStore(Store):
 
     def _pack(self, mode: str, identity: str, limits: Sequence[Limit], cost: int) -> bytes:
         keys, args = self._keys_and_args(mode, identity, limits, cost)
-        return hiredis.pack_command(("EVALSHA", self._script.sha, len(keys), *keys, *args))
+        command: tuple[Any, ...] = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        packed: bytes = hiredis.pack_command(command)
+        return packed
 
     def _args_of(self, limits: Sequence[Limit]) -> list[str]:
         """The script's per-limit arguments, built once per tier's limits."""

@@ -1,0 +1,234 @@
+"""Upgraded connections (WebSocket and any protocol switched to with a 101): a byte tunnel.
+
+After the upstream's 101 the two connections are spliced: bytes are copied
+both ways unchanged, so text, binary, ping/pong, close codes, subprotocols and
+extensions pass as the endpoints negotiate them, and Tollgate never re-frames
+a message. Each direction has backpressure: a side that does not read stops
+Tollgate reading from the other.
+
+Ends: when the upstream half-closes, the client gets EOF too and may go on
+sending for as long as it keeps talking (a silence of `linger` seconds ends the
+tunnel); when the client goes (aiohttp's server does not keep a half-closed
+client connection open), the upstream gets EOF and is closed after the bytes
+already copied. A write that fails or `Tunnels.close_all` (shutdown) closes
+both at once.
+
+`Tunnels.run` is the one place a tunnel runs: its start and its end are where
+per-connection accounting (a concurrency slot held while open) hooks in, and
+`ClientStream` is the client->upstream source in front of which a WebSocket
+frame reader (per-message limits) can be put.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiohttp import web
+
+from . import responses
+from .aiohttp_private import take_upgraded_bytes
+from .upstream import UpstreamError
+
+HIGH_WATER = 256 * 1024  # client bytes waiting for the upstream that pause reading from the client
+LOW_WATER = 64 * 1024
+
+
+class UpstreamTunnel(Protocol):
+    """The upstream side, as `proxy.upstream` hands it over with a 101."""
+
+    async def read(self) -> bytes: ...
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def write_eof(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Upgraded(responses.RelayedStream):
+    """The 101 relayed to the client (its head as the upstream sent it), with
+    both ends of the tunnel it opens: `tunnel` the upstream's, `client` the client's."""
+
+    def __init__(self, *, tunnel: UpstreamTunnel, client: ClientStream) -> None:
+        super().__init__(status=101)
+        self.tunnel = tunnel
+        self.client = client
+        self.force_close()  # after the tunnel the connection is not HTTP any more
+
+
+class ClientStream:
+    """The client's bytes after the upgrade request, with backpressure.
+
+    aiohttp's server protocol hands every byte that follows an upgrade to a
+    "payload parser" (`feed_data`, `feed_eof`), as its own WebSocket does; this
+    one keeps them as they came, and stops reading from the client while more
+    than HIGH_WATER bytes wait for the upstream.
+    """
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self._transport = request.transport
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self.received = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received from the client and not yet taken by the upstream pump."""
+        return self._buffered
+
+    @property
+    def paused(self) -> bool:
+        """Is reading from the client stopped until the upstream catches up?"""
+        return self._paused
+
+    def attach(self, request: web.BaseRequest) -> None:
+        """Take every byte the client sends from now on (call before the 101 goes out)."""
+        take_upgraded_bytes(request, self)
+
+    async def read(self) -> bytes:
+        """The next bytes from the client; b"" once it has gone."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered < LOW_WATER:
+            self._paused = False
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
+        return chunk
+
+    # aiohttp's payload parser interface
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self.received += len(data)
+        if self._buffered > HIGH_WATER and not self._paused:
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                self._paused = True
+                transport.pause_reading()
+        self._wake()
+        return False, b""
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+@dataclass(slots=True)
+class Totals:
+    """What went through one tunnel."""
+
+    to_upstream: int = 0
+    to_client: int = 0
+
+
+class _Run:
+    """One running tunnel: the two pumps and how it ends."""
+
+    def __init__(self, request: web.BaseRequest, response: Upgraded, linger: float) -> None:
+        self.request = request
+        self.response = response
+        self.linger = linger
+        self.totals = Totals()
+
+    async def __call__(self) -> None:
+        up = asyncio.create_task(self._client_to_upstream())
+        down = asyncio.create_task(self._upstream_to_client())
+        try:
+            await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
+            if down.done() and not up.done() and down.exception() is None:
+                # The upstream half-closed and the client has it: the client may still send.
+                await self._linger(up, lambda: self.response.client.received)
+            elif up.done() and not down.done() and up.exception() is not None:
+                # The upstream stopped taking bytes: what it sent before still goes to the client.
+                await self._linger(down, lambda: self.totals.to_client)
+        finally:
+            self.close()
+            for task in (up, down):
+                task.cancel()
+            for task in (up, down):
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError, UpstreamError):
+                    await task
+
+    async def _client_to_upstream(self) -> None:
+        source, tunnel, totals = self.response.client, self.response.tunnel, self.totals
+        while data := await source.read():
+            tunnel.write(data)
+            totals.to_upstream += len(data)
+            await tunnel.drain()
+        # The client has gone (aiohttp closes a client connection at its EOF):
+        # the upstream gets EOF after what was copied, then the close.
+        tunnel.write_eof()
+
+    async def _upstream_to_client(self) -> None:
+        tunnel, response, totals = self.response.tunnel, self.response, self.totals
+        while data := await tunnel.read():
+            await response.write(data)  # waits while the client's socket buffer is full
+            totals.to_client += len(data)
+        transport = self.request.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            raise ConnectionResetError("the client connection cannot be half-closed")
+        transport.write_eof()
+
+    async def _linger(self, pump: asyncio.Task[None], progress: Callable[[], int]) -> None:
+        """Let the pump still running finish, for as long as bytes keep moving
+        within `linger` seconds of each other."""
+        while not pump.done():
+            before = progress()
+            await asyncio.wait((pump,), timeout=self.linger)
+            if progress() == before:
+                return
+
+    def close(self) -> None:
+        """Close both connections now (bytes already written are still flushed)."""
+        self.response.tunnel.close()
+        transport = self.request.transport
+        if transport is not None:
+            transport.close()
+
+
+class Tunnels:
+    """The open tunnels of a proxy app, so that shutdown can close them."""
+
+    def __init__(self) -> None:
+        self._open: set[_Run] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __iter__(self) -> Iterator[Upgraded]:
+        return iter([tunnel.response for tunnel in self._open])
+
+    async def run(self, request: web.BaseRequest, response: Upgraded, *, linger: float) -> Totals:
+        """Copy bytes both ways until the tunnel ends; both connections are closed on return."""
+        tunnel = _Run(request, response, linger)
+        self._open.add(tunnel)
+        try:
+            await tunnel()
+        finally:
+            self._open.discard(tunnel)
+        return tunnel.totals
+
+    def close_all(self) -> None:
+        """Close every open tunnel (at shutdown: a tunnel has no natural end to wait for)."""
+        for tunnel in list(self._open):
+            tunnel.close()
