@@ -1,6 +1,6 @@
 """Every private aiohttp name Tollgate uses, in one room, checked at import.
 
-aiohttp has no public way to do three things a proxy needs:
+aiohttp has no public way to do these things a proxy needs:
 - bound the time a client takes to send a request head (nginx's
   `client_header_timeout`; without it a trickled head holds a connection until
   the keep-alive timeout): `HeadGuard`, a RequestHandler that watches its own
