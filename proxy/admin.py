@@ -1,7 +1,8 @@
 """The admin port: health, readiness, stats, per-client state, the decision
 service, reload, Prometheus metrics, and the dashboard.
 
-Private by default (127.0.0.1). With `admin.token` set, everything but
+Private by default (127.0.0.1), and deaf to other sites' pages and to
+rebinding names (proxy.admin_guard). With `admin.token` set, everything but
 /healthz and /readyz needs `Authorization: Bearer <token>` or the HttpOnly
 cookie the dashboard sets when opened once with `?token=`.
 """
@@ -17,8 +18,9 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .admin_guard import refuse_foreign
 from .dashboard import setup_dashboard
-from .identity import find_client
+from .identity import find_client, visible_ascii
 from .limits.store import StorageUnavailable
 from .problems import problem
 from .ratelimit_headers import most_constraining, refusing_limit, whole_seconds
@@ -31,7 +33,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _token_ok(presented: str | None, token: str) -> bool:
-    if not presented:
+    if not presented or not visible_ascii(presented):  # a raw latin-1 byte is a lone surrogate: no encode
         return False
     # Compare digests: constant time whatever the lengths.
     return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(token.encode()).digest())
@@ -217,6 +219,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def setup_admin(app: web.Application) -> None:
     runtime = app[RUNTIME]
+    app.middlewares.append(refuse_foreign(OPEN_PATHS))  # before the token: a rebinding page gets no 401 to probe
     app.middlewares.append(require_token)
     router = app.router
     router.add_get("/healthz", healthz)

@@ -1,6 +1,6 @@
 """Every private aiohttp name Tollgate uses, in one room, checked at import.
 
-aiohttp has no public way to do three things a proxy needs:
+aiohttp has no public way to do these things a proxy needs:
 - bound the time a client takes to send a request head (nginx's
   `client_header_timeout`; without it a trickled head holds a connection until
   the keep-alive timeout): `HeadGuard`, a RequestHandler that watches its own
@@ -15,6 +15,10 @@ aiohttp has no public way to do three things a proxy needs:
 - take the raw bytes that follow an upgrade request (WebSocket or any protocol
   the upstream switches to with a 101), as aiohttp's own WebSocketResponse
   does: `take_upgraded_bytes`.
+- parse a connection whose first request names a method llhttp (the C parser)
+  does not know with aiohttp's Python parser, which takes any RFC 9110 token,
+  and answer what a parser refuses in Tollgate's own format: `HeadGuard`;
+- answer a request of another HTTP version in HTTP/1.1: `reply_as_http11`.
 
 Nothing else in Tollgate names a private aiohttp attribute. `check()` runs when
 this module is imported: if an aiohttp release moved one of these names,
@@ -25,14 +29,29 @@ failing mid-request. setup.cfg pins aiohttp's minor version for the same reason.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 import aiohttp
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
+from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
 from aiohttp.http_writer import StreamWriter
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+# The methods llhttp, aiohttp's C parser, knows (in HTTP mode); it refuses any other token
+# (tests/test_server.py checks this list against it).
+LLHTTP_METHODS: Final = frozenset(
+    b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND PROPPATCH SEARCH UNLOCK "
+    b"BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PATCH "
+    b"PURGE MKCALENDAR LINK UNLINK SOURCE QUERY".split()
+)
+# An RFC 9110 method token and its SP. No lower case: aiohttp's Python parser upper-cases
+# the method, and methods are case-sensitive, so `get` stays refused rather than become GET.
+UPPER_METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Z]{1,64} ")
+Refused = Callable[[HttpProcessingError], web.StreamResponse]
 
 
 class IncompatibleAiohttp(RuntimeError):
@@ -53,7 +72,8 @@ def check() -> None:
     """Raise IncompatibleAiohttp naming each missing internal and the aiohttp version."""
     missing = []
     handler_slots = _slots(RequestHandler)
-    for name in ("_request_count", "_request_in_progress", "_messages", "_loop"):
+    for name in ("_request_count", "_request_in_progress", "_messages", "_loop", "_parser", "_read_bufsize",
+                 "_max_msg_queue_size", "max_line_size", "max_field_size", "max_headers"):
         if name not in handler_slots:
             missing.append(f"RequestHandler.{name}")
     for name in ("_loop", "_kwargs"):
@@ -69,6 +89,12 @@ def check() -> None:
             missing.append(f"StreamResponse.{name}")
     if not callable(getattr(RequestHandler, "set_parser", None)):
         missing.append("RequestHandler.set_parser")
+    if not callable(getattr(RequestHandler, "handle_error", None)):
+        missing.append("RequestHandler.handle_error")
+    if not callable(getattr(HttpRequestParserPy, "parse_message", None)):
+        missing.append("HttpRequestParserPy.parse_message")
+    if not _assigned_in_init(web.BaseRequest, "_cache"):
+        missing.append("BaseRequest._cache")
     if missing:
         raise IncompatibleAiohttp(
             f"aiohttp {aiohttp.__version__} lacks internals Tollgate relies on ({', '.join(missing)}); "
@@ -89,23 +115,58 @@ class HeadGuard(RequestHandler):
 
     header_timeout: float
 
-    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, header_timeout: float, refused: Refused | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
+        self.refused = refused
+        self._auto_decompress: bool = kwargs.get("auto_decompress", True)
         self._header_timer: asyncio.TimerHandle | None = None
         self._head_since: float | None = None
+        self._fresh = False  # no byte received yet: the parser is at a message boundary for sure
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self._fresh = True
         self._await_head()
 
     def data_received(self, data: bytes) -> None:
+        if self._fresh:
+            self._fresh = False
+            if unknown_method(data):
+                self._parse_in_python()
         before = self._request_count
         super().data_received(data)
         if self._request_count > before:
             self._head_since = None  # a whole request head arrived
         elif self._head_since is None and not self._request_in_progress and not self._messages:
             self._await_head()  # first bytes of the next request on a kept-alive connection
+
+    def _parse_in_python(self) -> None:
+        """This connection's requests go through aiohttp's pure-Python parser, which takes any
+        method token, where llhttp takes only those it knows. Only on a connection's first
+        bytes, where both parsers start from the same state: swapping mid-stream, after
+        bytes llhttp consumed, would make the two disagree on where a request starts.
+        The C parser stays the rule: the Python one costs ~90,000 more instructions a
+        request (+29 %, bench/instructions.py)."""
+        self._parser = TokenMethodParser(
+            self, self._loop, self._read_bufsize, max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size, max_headers=self.max_headers,
+            payload_exception=RequestPayloadError, auto_decompress=self._auto_decompress,
+            max_msg_queue_size=self._max_msg_queue_size,
+        )
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A request the parser refused gets `refused`'s answer (aiohttp's is text/plain
+        echoing the bad bytes), logged at debug: a client's garbage is not a server error.
+        Handler failures (500) stay aiohttp's."""
+        if (self.refused is None or not isinstance(exc, HttpProcessingError) or status != 400
+                or request.writer.output_size > 0):
+            return super().handle_error(request, status, exc, message)
+        self.logger.debug("Refused a malformed request from %s: %r", request.remote, exc)
+        response = self.refused(exc)
+        response.force_close()
+        return response
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
@@ -133,29 +194,57 @@ class HeadGuard(RequestHandler):
 class GuardedServer(web.Server):
     """A `web.Server` whose connections are HeadGuard handlers."""
 
-    def __init__(self, handler: Callable[..., Any], *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, handler: Callable[..., Any], *, header_timeout: float, refused: Refused | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.header_timeout = header_timeout
+        self.refused = refused
 
     def __call__(self) -> RequestHandler:
-        return HeadGuard(self, loop=self._loop, header_timeout=self.header_timeout, **self._kwargs)
+        return HeadGuard(self, loop=self._loop, header_timeout=self.header_timeout, refused=self.refused,
+                         **self._kwargs)
 
 
-def guarded_copy(server: web.Server, header_timeout: float) -> GuardedServer:
+def guarded_copy(server: web.Server, header_timeout: float, refused: Refused | None = None) -> GuardedServer:
     """The same server (handler, request factory, settings), with HeadGuard connections."""
     return GuardedServer(server.request_handler, request_factory=server.request_factory, loop=server._loop,
-                         header_timeout=header_timeout, **server._kwargs)
+                         header_timeout=header_timeout, refused=refused, **server._kwargs)
 
 
 class GuardedAppRunner(web.AppRunner):
     """An AppRunner (the app's startup, router and cleanup) whose server is guarded."""
 
-    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, *, header_timeout: float, refused: Refused | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.header_timeout = header_timeout
+        self.refused = refused
 
     async def _make_server(self) -> web.Server:
-        return guarded_copy(await super()._make_server(), self.header_timeout)
+        return guarded_copy(await super()._make_server(), self.header_timeout, self.refused)
+
+
+class TokenMethodParser(HttpRequestParserPy):
+    """aiohttp's Python parser, but a method with lower case is refused as llhttp refuses it,
+    not upper-cased: `get` must not reach the upstream as `GET`."""
+
+    def parse_message(self, lines: list[bytes]) -> RawRequestMessage:
+        if not UPPER_METHOD.match(lines[0]):
+            raise BadHttpMethod(lines[0].decode("latin-1"))
+        return super().parse_message(lines)
+
+
+def unknown_method(first: bytes) -> bool:
+    """Do a connection's first bytes start with a method token that llhttp would refuse?"""
+    match = UPPER_METHOD.match(first)
+    return match is not None and match.group()[:-1] not in LLHTTP_METHODS
+
+
+def reply_as_http11(request: web.BaseRequest) -> None:
+    """Have Tollgate's answer to `request` say HTTP/1.1 whatever version it came in
+    (aiohttp echoes the request's: "HTTP/2.0 505"). `version` is a reify: its value
+    lives in `_cache`."""
+    request._cache["version"] = HttpVersion11
 
 
 class SplicedHead(web.StreamResponse):

@@ -30,6 +30,7 @@ CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 PARAM_MAX: Final = 1e9  # capacities, rates and windows beyond this are typos, and overflow w
 PARAM_MIN_FRACTION: Final = 1e-6
 HEADER_NAME_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+HOST_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?\Z")  # a DNS name or IPv4 address
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -56,6 +57,7 @@ class AdminConfig:
     host: str = "127.0.0.1"
     port: int = 8081
     token: str | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names the admin port answers to besides its own (proxy.admin_guard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +382,7 @@ def _read_sections(ck: _Checker, raw: dict[str, Any]) -> dict[str, Any]:
     admin = _section(ck, raw, "admin", AdminConfig, {
         "host": _host(ck), "port": ck.port,
         "token": lambda p, v, d: ck.string(p, v, d, nullable=True, what="a non-empty string or null"),
+        "allowed_hosts": lambda p, v, d: _host_names(ck, p, v),
     })
     upstream = _section(ck, raw, "upstream", UpstreamConfig, {
         "url": lambda p, v, d: _url(ck, p, v, d, ("http", "https")),
@@ -429,6 +432,29 @@ def _networks(ck: _Checker, path: str, value: Any) -> tuple[Network, ...]:
         except ValueError:
             ck.error(f"{path}[{i}]", "must be an IP address or CIDR like 10.0.0.0/8", item)
     return tuple(nets)
+
+
+def _host_names(ck: _Checker, path: str, value: Any) -> tuple[str, ...]:
+    """admin.allowed_hosts: names as a Host header carries them (no scheme, no port), lower-cased."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        ck.error(path, "must be a list of host names", value)
+        return ()
+    names = []
+    for i, item in enumerate(value):
+        if isinstance(item, str) and (HOST_NAME_RE.match(item) or _is_ipv6(item.removeprefix("[").removesuffix("]"))):
+            names.append(item.lower().removeprefix("[").removesuffix("]"))
+        else:
+            ck.error(f"{path}[{i}]", "must be a host name or IP address, without scheme or port", item)
+    return tuple(names)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 def _prefix(ck: _Checker, path: str, value: Any, default: int) -> int:

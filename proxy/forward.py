@@ -226,6 +226,8 @@ def upstream_failure(exc: UpstreamError, upstream: Upstream) -> web.Response:
 
 def upstream_target(request: web.BaseRequest, upstream: Upstream) -> bytes:
     raw = request.raw_path
+    if raw == "*":  # OPTIONS * asks the server itself: no base path in front
+        return b"*"
     if not raw.startswith("/"):  # absolute-form request target (RFC 9112 §3.2.2)
         raw = URL(raw, encoded=True).raw_path_qs
     return (upstream.base_path + raw).encode("utf-8", "surrogateescape")

@@ -23,6 +23,7 @@ from .problems import problem
 from .ratelimit_headers import rate_limit_lines, refusing_limit, retry_after_header
 from .records import RequestRecord
 from .runtime import Runtime
+from .target import HTTP_1, refuse_target, route_path
 from .tunnel import Upgraded
 from .upstream import UpstreamError
 
@@ -32,7 +33,13 @@ NO_ROUTE: Final = Route(path="/")
 async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamResponse:
     config = runtime.config  # one snapshot: a reload mid-request does not change this one
     started = time.perf_counter()
-    route = config.route_table.match(request.method, request.path) or NO_ROUTE
+    target = request.raw_path
+    if target[:1] != "/" or request.version not in HTTP_1:  # rare: CONNECT, *, absolute-form, HTTP/0.9 or 2.0
+        refused = refuse_target(request)
+        if refused is not None:
+            record = RequestRecord(request.method, request.path, request.remote or "", "-", "rejected")
+            return _finish(runtime, record, refused, started)
+    route = config.route_table.match(request.method, route_path(target)) or NO_ROUTE
     limit = config.server.max_body_size
     if limit is not None and (request.content_length or 0) > limit:
         # Refused before the limiter, as nginx does: a declared oversize body costs no quota.

@@ -106,11 +106,24 @@ def find_client(config: Config, client_id: str) -> tuple[str, str] | None:
     return "anonymous", address_identity(address_id(address, config.clients.ipv6_prefix))
 
 
+def visible_ascii(text: str) -> bool:
+    """Only visible ASCII (0x21-0x7E), what a key, token or cookie may hold.
+
+    aiohttp decodes header bytes as UTF-8 with surrogateescape, so a raw
+    latin-1 byte arrives as a lone surrogate that no encoder takes; such
+    input is refused before anything hashes it. `isascii` is O(1).
+    """
+    return text.isascii() and text.isprintable() and " " not in text
+
+
 def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) -> Client | Rejection:
     """Map a request to a Client of the config in force, or say why not."""
     clients = config.clients
     key = headers.get(clients.api_key_header)
     if key:
+        if not visible_ascii(key):  # never a configured key, and a 401 even under unknown_key: anonymous
+            return Rejection("invalid_api_key", f"The {clients.api_key_header} header holds bytes outside "
+                             "visible ASCII.")
         entry = config.api_keys.get(hash_key(key))
         if entry is not None:
             return Client(entry.name, config.tiers[entry.tier], key_identity(entry))

@@ -1,7 +1,7 @@
 """Tollgate's own answers as RFC 9457 application/problem+json bodies.
 
-Every status Tollgate itself produces (401, 404, 413, 429, 502, 503, 504 and the
-admin port's errors) is built here, so the wire format lives in one place.
+Every status Tollgate itself produces (400, 401, 405, 413, 429, 502, 503, 504,
+505 and the admin port's errors) is built here, so the wire format lives in one place.
 """
 
 from __future__ import annotations
@@ -20,13 +20,17 @@ QUOTA_EXCEEDED: Final = "https://iana.org/assignments/http-problem-types#quota-e
 TITLES: Final = {
     400: "Bad Request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not Found",
+    405: "Method Not Allowed",
     413: "Content Too Large",
+    421: "Misdirected Request",
     422: "Unprocessable Content",
     429: "Request cannot be satisfied as assigned quota has been exceeded",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
 }
 
 

@@ -17,7 +17,8 @@ class RequestRecord:
     client: str  # key name or address: never a raw key
     tier: str
     # SPEC's decisions (allowed, blocked, unauthorized, exempt, unavailable), plus
-    # "rejected": a declared body over server.max_body_size, refused before the limiter.
+    # "rejected": a declared body over server.max_body_size, or a request never forwarded
+    # (CONNECT, HTTP/0.9 or 2.0: proxy.target), refused before the limiter.
     decision: str
     identity: str = ""  # the limit-state key ("k:<sha256>" / "a:<address>"): never a raw key
     status: int = 0

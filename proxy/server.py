@@ -3,7 +3,10 @@
 Every connection gets a request-head deadline (`proxy.aiohttp_private.HeadGuard`,
 nginx's `client_header_timeout`): a client that trickles its request line and
 headers (slowloris) is cut after `header_timeout` seconds. Bodies and idle
-keep-alive connections have their own timeouts.
+keep-alive connections have their own timeouts. The same handler parses a
+connection that opens with a method llhttp does not know with aiohttp's Python
+parser (every RFC 9110 method token is forwarded), and what a parser refuses
+gets `parse_error_answer`: problem+json, 400 or 505.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessingError, InvalidURLError
 
 from .aiohttp_private import GuardedAppRunner, GuardedServer, requests_in_progress
+from .problems import problem
 
 HEADER_TIMEOUT = 10.0  # seconds; nginx's client_header_timeout defaults to 60
 CANCEL_GRACE = 0.5  # of the drain budget: for requests still running at its end to be cut and logged
@@ -42,6 +47,20 @@ SERVE: Final = web.AppKey("SERVE", Serve)
 app still owns the lifecycle (cleanup_ctx, on_shutdown, on_cleanup)."""
 
 
+def parse_error_answer(exc: HttpProcessingError) -> web.Response:
+    """What a parser refused: 400, or 505 for an HTTP version llhttp does not know (1.2, 3.0).
+
+    llhttp reports an unknown version as HPE_INVALID_VERSION, which aiohttp
+    raises as BadStatusLine with llhttp's reason in the message; the versions
+    it does accept (0.9, 2.0) are answered by proxy.target.
+    """
+    if isinstance(exc, BadStatusLine) and not isinstance(exc, BadHttpMethod) and "Invalid HTTP version" in exc.message:
+        return problem(505, "http_version_not_supported", "Only HTTP/1.0 and HTTP/1.1 are supported.")
+    if isinstance(exc, InvalidURLError) and exc.message == "*":
+        return problem(400, "bad_request", "The * request target is for OPTIONS only.")
+    return problem(400, "bad_request", "The request is not valid HTTP/1.1.")
+
+
 class StartError(Exception):
     """Tollgate cannot start for a reason the user can fix; the message says which."""
 
@@ -58,7 +77,7 @@ async def listen(
     """Serve `app`, yielding the bound port; on exit close the listener at once,
     then drain in-flight requests up to `shutdown_timeout`."""
     settings: dict[str, Any] = {"access_log": None, "keepalive_timeout": keepalive_timeout,
-                                "header_timeout": header_timeout}
+                                "header_timeout": header_timeout, "refused": parse_error_answer}
     # aiohttp's own shutdown waits up to its timeout twice (for the handlers, then
     # after cancelling them): it gets only the grace at the end of the budget.
     grace = min(CANCEL_GRACE, shutdown_timeout / 2)

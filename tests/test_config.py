@@ -79,6 +79,9 @@ CASES = [
     case("admin.port", "admin: {port: -1}", "admin.port: must be a port number 0-65535, got -1"),
     case("admin.token-empty", 'admin: {token: ""}', 'admin.token: must be a non-empty string or null, got ""'),
     case("admin.token-number", "admin: {token: 123}", "admin.token: must be a non-empty string or null, got 123"),
+    case("admin.allowed_hosts-list", "admin: {allowed_hosts: a.example}", 'admin.allowed_hosts: must be a list of host names, got "a.example"'),
+    case("admin.allowed_hosts-port", 'admin: {allowed_hosts: [ok.example, "a.example:8081"]}', 'admin.allowed_hosts[1]: must be a host name or IP address, without scheme or port, got "a.example:8081"'),
+    case("admin.allowed_hosts-url", 'admin: {allowed_hosts: ["http://a.example"]}', 'admin.allowed_hosts[0]: must be a host name or IP address, without scheme or port, got "http://a.example"'),
     # --- upstream -------------------------------------------------------------
     case("upstream.url-scheme", "upstream: {url: ftp://x}",
          'upstream.url: must be a http:// or https:// URL with a host, got "ftp://x"'),
@@ -488,11 +491,13 @@ server: {host: 0.0.0.0, port: 0, max_body_size: 1048576}
 storage: {backend: redis, url: "rediss://u:p@r.example:6380/1", on_error: local, timeout: 0.2}
 clients: {trusted_proxies: [10.0.0.0/8, "::1"], ipv6_prefix: 48, unknown_key: anonymous}
 log: {format: json}
+admin: {allowed_hosts: [Admin.Example, 10.0.0.5, "[fd00::1]"]}
 routes:
   - {path: /search, methods: [get, POST], cost: 5}
   - {path: /health, exempt: true}
 """)
     assert (cfg.server.host, cfg.server.port, cfg.server.max_body_size) == ("0.0.0.0", 0, 1048576)
+    assert cfg.admin.allowed_hosts == ("admin.example", "10.0.0.5", "fd00::1")  # as host_name() reads a Host
     assert (cfg.storage.backend, cfg.storage.on_error, cfg.storage.timeout) == ("redis", "local", 0.2)
     assert [str(n) for n in cfg.clients.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
     assert (cfg.clients.ipv6_prefix, cfg.clients.unknown_key, cfg.log_format) == (48, "anonymous", "json")

@@ -77,3 +77,20 @@ async def test_token_is_needed_and_the_cookie_carries_it(upstream, browser):
         await browser.wait_for("location.search === '' && document.getElementById('total-requests') !== null")
         await traffic(tg, 2)
         await browser.wait_for("document.getElementById('total-requests').textContent === '10'", timeout=5)
+
+
+async def test_the_dashboard_passes_the_origin_check_and_other_pages_do_not(upstream, browser):
+    """Chromium sends Origin on the dashboard's own DELETE and POST: those pass;
+    the same POST from a page of another origin (the upstream's port) is refused."""
+    async with running(CONFIG, upstream.url) as tg:
+        await traffic(tg, 1)
+        await browser.navigate(tg.admin_url + "/")
+        assert await browser.evaluate("fetch('api/clients/demo-free', {method: 'DELETE'}).then(r => r.status)") == 204
+        assert await browser.evaluate("fetch('api/stats/reset', {method: 'POST'}).then(r => r.status)") == 204
+        assert tg.runtime.stats.totals["requests"] == 0
+        await traffic(tg, 1)
+        await browser.navigate(upstream.url + "/health")
+        reset = json.dumps(tg.admin_url + "/api/stats/reset")
+        await browser.evaluate(f"fetch({reset}, {{method: 'POST', mode: 'no-cors'}}).then(() => 0, () => 1)")
+        assert tg.runtime.stats.totals["requests"] == 5  # the cross-site POST changed nothing
+        assert browser.errors == []
