@@ -54,7 +54,7 @@ def test_a_failing_owner_stops_what_it_started(tmp_path: Path) -> None:
 
 
 def test_a_killed_owner_takes_its_processes_along(tmp_path: Path) -> None:
-    owner, redis_pid = start_owner(tmp_path, "import time; time.sleep(60)")
+    owner, redis_pid = start_owner(tmp_path, "import signal; signal.pause()  # until killed")
     owner.send_signal(signal.SIGKILL)
     owner.wait(10)
     assert pid_gone(redis_pid)
