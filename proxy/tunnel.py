@@ -22,7 +22,6 @@ frame reader (per-message limits) can be put.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,10 +31,8 @@ from aiohttp import web
 
 from . import responses
 from .aiohttp_private import take_upgraded_bytes
+from .flow import ByteQueue
 from .upstream import UpstreamError
-
-HIGH_WATER = 256 * 1024  # client bytes waiting for the upstream that pause reading from the client
-LOW_WATER = 64 * 1024
 
 
 class UpstreamTunnel(Protocol):
@@ -70,17 +67,14 @@ class ClientStream:
 
     def __init__(self, request: web.BaseRequest) -> None:
         self._transport = request.transport
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
         self._paused = False
-        self._eof = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._queue = ByteQueue(self)
         self.received = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received from the client and not yet taken by the upstream pump."""
-        return self._buffered
+        return self._queue.buffered
 
     @property
     def paused(self) -> bool:
@@ -93,44 +87,29 @@ class ClientStream:
 
     async def read(self) -> bytes:
         """The next bytes from the client; b"" once it has gone."""
-        while not self._chunks:
-            if self._eof:
-                return b""
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._paused and self._buffered < LOW_WATER:
+        return await self._queue.read()
+
+    def pause_reading(self) -> None:
+        transport = self._transport
+        if not self._paused and transport is not None and not transport.is_closing():
+            self._paused = True
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused:
             self._paused = False
             transport = self._transport
             if transport is not None and not transport.is_closing():
                 transport.resume_reading()
-        return chunk
 
     # aiohttp's payload parser interface
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        self._chunks.append(data)
-        self._buffered += len(data)
         self.received += len(data)
-        if self._buffered > HIGH_WATER and not self._paused:
-            transport = self._transport
-            if transport is not None and not transport.is_closing():
-                self._paused = True
-                transport.pause_reading()
-        self._wake()
+        self._queue.feed(data)
         return False, b""
 
     def feed_eof(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._queue.end()
 
 
 @dataclass(slots=True)

@@ -41,9 +41,9 @@ from typing import Final
 
 import httptools
 
+from .flow import ByteQueue
+
 MAX_IDLE: Final = 256  # kept-alive connections beyond this many idle ones are closed
-HIGH_WATER: Final = 256 * 1024  # buffered response bytes that pause reading from the upstream
-LOW_WATER: Final = 64 * 1024
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 MAX_HEAD: Final = 64 * 1024  # a response head in all (interim 1xx heads included)
 MAX_LINE: Final = 8 * 1024  # one status or header line
@@ -96,8 +96,7 @@ class Response:
     is the caller's to close.
     """
 
-    __slots__ = ("_buffered", "_chunks", "_done", "_error", "_exchange", "_waiter", "headers", "length", "reason",
-                 "status", "tunnel")
+    __slots__ = ("_body", "_exchange", "headers", "length", "reason", "status", "tunnel")
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: bytes | None,
                  exchange: _Exchange | None, tunnel: Tunnel | None = None) -> None:
@@ -106,73 +105,41 @@ class Response:
         self.headers = headers
         self.length = length  # Content-Length, when that frames the body (not chunked)
         self.tunnel = tunnel
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self._done = False
-        self._error: UpstreamError | None = None
         self._exchange = exchange
+        self._body = ByteQueue(exchange)  # paced by the exchange while it owns its connection
 
     @property
     def complete(self) -> bool:
         """The whole body has arrived intact (it may still be buffered here)."""
-        return self._done and self._error is None
+        return self._body.ended and self._body.error is None
 
     def buffered(self) -> bytes:
         """Everything received and not yet read, at once (for a complete body)."""
-        chunks = self._chunks
-        body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._buffered = 0
-        return body
+        return self._body.take_all()
 
     async def read(self) -> bytes:
         """The next body chunk; b"" at the end. Raises UpstreamError if the body
         is cut, broken or falls silent for `read_timeout`."""
-        while not self._chunks:
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                return b""
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        exchange = self._exchange
-        if exchange is not None and self._buffered < LOW_WATER:
-            exchange.resume_reading()
-        return chunk
+        return await self._body.read()
 
     def close(self) -> None:
         """Done with it: an unfinished exchange's connection is closed, not reused."""
         exchange, self._exchange = self._exchange, None
+        self._body.source = None
         if exchange is not None:
             exchange.abandon()
-        self._chunks.clear()
+        self._body.clear()
 
     # called by the exchange
     def _feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered > HIGH_WATER and self._exchange is not None:
-            self._exchange.pause_reading()
-        self._wake()
+        self._body.feed(chunk)
 
     def _finish(self, error: UpstreamError | None = None) -> None:
-        if self._done:
+        if self._body.ended:
             return
-        self._done = True
-        self._error = error
         self._exchange = None
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._body.source = None
+        self._body.end(error)
 
 
 class Tunnel:
@@ -187,30 +154,15 @@ class Tunnel:
     caller closes it.
     """
 
-    __slots__ = ("_buffered", "_chunks", "_conn", "_eof", "_waiter")
+    __slots__ = ("_conn", "_from_upstream")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
-        self._chunks: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
-        self._eof = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._from_upstream = ByteQueue(conn)
 
     async def read(self) -> bytes:
         """The next bytes from the upstream; b"" once it closed (cleanly or not)."""
-        while not self._chunks:
-            if self._eof:
-                return b""
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        chunk = self._chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._conn.paused_reading and self._buffered < LOW_WATER:
-            self._conn.resume_reading()
-        return chunk
+        return await self._from_upstream.read()
 
     def write(self, data: bytes) -> None:
         """Send bytes upstream; raises ConnectionResetError once the connection is gone."""
@@ -235,21 +187,10 @@ class Tunnel:
 
     # called by the connection
     def _feed(self, data: bytes) -> None:
-        if data:
-            self._chunks.append(data)
-            self._buffered += len(data)
-            if self._buffered > HIGH_WATER and not self._conn.paused_reading:
-                self._conn.pause_reading()
-            self._wake()
+        self._from_upstream.feed(data)
 
     def _end(self) -> None:
-        self._eof = True
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._from_upstream.end()
 
 
 class _Exchange:
@@ -402,7 +343,7 @@ class _Exchange:
             raise UpstreamError("101 Switching Protocols to a request that asked for no upgrade")
         self.phase = _UPGRADED  # handed to the caller once llhttp has confirmed it (`_Connection._become_tunnel`)
         response = Response(101, reason, headers, None, None, Tunnel(self.conn))
-        response._done = True
+        response._finish()  # a 101 has no body: its bytes are the tunnel's
         self.response = response
 
     @staticmethod
@@ -687,11 +628,15 @@ class _Connection(asyncio.Protocol):
             self.pool.forget(self)
 
     def pause_reading(self) -> None:
+        if self.paused_reading:
+            return
         self.paused_reading = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
+        if not self.paused_reading:
+            return
         self.paused_reading = False
         self.last_io = self.loop.time()  # a pause is our slowness, not the upstream's silence
         if self.transport is not None and not self.closed:

@@ -23,7 +23,7 @@ import pytest
 from aiohttp import WSMsgType, web
 from harness import Tollgate, running
 
-from proxy.tunnel import HIGH_WATER
+from proxy.flow import HIGH_WATER
 
 OPEN = """
 tiers:
