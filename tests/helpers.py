@@ -14,6 +14,7 @@ enough. conftest.py wraps them in fixtures.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import ctypes
 import http.client
@@ -228,6 +229,20 @@ class ProcessHandle:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+# --- scripted raw-socket upstreams -----------------------------------------
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request from a client, as a scripted upstream reads it: the head (up
+    to its blank line) and a Content-Length body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head, await reader.readexactly(length)
 
 
 # --- mock upstream ----------------------------------------------------------

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from harness import running
-from helpers import free_port
+from helpers import free_port, read_request
 from yarl import URL
 
 OPEN = """
@@ -231,12 +231,7 @@ class RawUpstream:
         self.connections += 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                body = await reader.readexactly(length)
+                head, body = await read_request(reader)
                 self.requests.append(head + body)
                 answer = self.script(len(self.requests))
                 if answer is None:

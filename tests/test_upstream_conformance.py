@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from harness import Tollgate, running
+from helpers import read_request
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -61,12 +62,7 @@ class Scripted:
         self.writers.append(writer)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
+                head, _ = await read_request(reader)
                 self.requests.append(head)
                 if not await self.play(writer, self.answer(path_of(head))):
                     return
