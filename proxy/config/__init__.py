@@ -1,0 +1,29 @@
+"""config.yaml: the model (model.py), how each part is read and checked
+(checks.py, sections.py, policy.py) and loading a file (load.py).
+
+Everything else imports from here; the submodules are the homes of new keys.
+"""
+
+from ..masking import mask_url
+from ..routes import Route, RouteTable
+from .checks import show
+from .load import build, from_text, load, parse_yaml
+from .model import (
+    AdminConfig,
+    ApiKey,
+    ClientsConfig,
+    Config,
+    ConfigError,
+    Network,
+    ServerConfig,
+    StorageConfig,
+    Tier,
+    UpstreamConfig,
+)
+from .policy import hash_key, policy_item
+
+__all__ = [
+    "AdminConfig", "ApiKey", "ClientsConfig", "Config", "ConfigError", "Network", "Route", "RouteTable",
+    "ServerConfig", "StorageConfig", "Tier", "UpstreamConfig", "build", "from_text", "hash_key", "load",
+    "mask_url", "parse_yaml", "policy_item", "show",
+]

@@ -1,0 +1,121 @@
+"""What a loaded config is: frozen dataclasses, one per section, built whole or not at all."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..limits.store import Limit
+from ..routes import Route, RouteTable
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """The file cannot be used; `errors` holds every problem, one line each."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    shutdown_timeout: float = 10.0
+    max_body_size: int | None = None
+    keepalive_timeout: float = 75.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 8081
+    token: str | None = None
+    allowed_hosts: tuple[str, ...] = ()  # Host names the admin port answers to besides its own (proxy.admin_guard)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    url: str = "http://127.0.0.1:9000"
+    start_mock: bool = True
+    connect_timeout: float = 2.0
+    timeout: float = 30.0
+    preserve_host: bool = False
+    read_timeout: float | None = None  # silence allowed mid-body; None: the same as timeout
+    max_connections: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    backend: str = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    cluster: bool = False
+    key_prefix: str = "tollgate:"
+    timeout: float = 0.05
+    on_error: str = "allow"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientsConfig:
+    api_key_header: str = "X-API-Key"
+    unknown_key: str = "reject"
+    require_key: bool = False
+    trusted_proxies: tuple[Network, ...] = ()
+    ipv6_prefix: int = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """A tier's limits; the header texts that never change are built once here, not per request."""
+
+    name: str
+    limits: tuple[Limit, ...]
+    unlimited: bool = False
+    policy_header: str = ""
+    capacity_texts: tuple[str, ...] = ()  # X-RateLimit-Limit of each limit
+    # proxy.ratelimit_headers' serialized header lines, by the state they show
+    header_lines: dict[Any, bytes] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A configured key, known only by its SHA-256: the raw key is never kept."""
+
+    name: str
+    tier: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    storage: StorageConfig = StorageConfig()
+    clients: ClientsConfig = ClientsConfig()
+    log_format: str = "text"
+    tiers: Mapping[str, Tier] = field(default_factory=dict)
+    api_keys: Mapping[str, ApiKey] = field(default_factory=dict)  # by sha256 hex
+    routes: tuple[Route, ...] = ()
+    path: str | None = None
+    route_table: RouteTable = field(init=False, repr=False, compare=False)
+    # proxy.identity's resolved anonymous clients, by peer address: this config's only
+    peer_clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # A request without a known key is keyed by its peer's address, as is: there is
+    # an anonymous tier, no key is required and no proxy is trusted to name another.
+    anonymous_by_peer: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "route_table", RouteTable(self.routes))
+        object.__setattr__(self, "anonymous_by_peer", "anonymous" in self.tiers
+                           and not self.clients.require_key and not self.clients.trusted_proxies)
+
+    def all_limits(self) -> list[Limit]:
+        return [limit for tier in self.tiers.values() for limit in tier.limits]
+
+    def key_by_name(self, name: str) -> ApiKey | None:
+        return next((k for k in self.api_keys.values() if k.name == name), None)

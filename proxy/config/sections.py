@@ -1,0 +1,67 @@
+"""The flat sections: server, admin, upstream, storage, clients and log."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from ..masking import mask_url
+from .checks import (
+    Checker,
+    read_host,
+    read_host_names,
+    read_networks,
+    read_positive,
+    read_prefix_length,
+    read_section,
+    read_url,
+)
+from .model import AdminConfig, ClientsConfig, ServerConfig, StorageConfig, UpstreamConfig
+
+HEADER_NAME_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+
+
+def read_sections(ck: Checker, raw: dict[str, Any]) -> dict[str, Any]:
+    server = read_section(ck, raw, "server", ServerConfig, {
+        "host": read_host(ck), "port": ck.port,
+        "shutdown_timeout": read_positive(ck, minimum=0, exclusive=False),
+        "max_body_size": read_positive(ck, minimum=0, exclusive=False, integer=True, nullable=True),
+        "keepalive_timeout": read_positive(ck, minimum=0, exclusive=False),
+    })
+    admin = read_section(ck, raw, "admin", AdminConfig, {
+        "host": read_host(ck), "port": ck.port,
+        "token": lambda p, v, d: ck.string(p, v, d, nullable=True, what="a non-empty string or null"),
+        "allowed_hosts": lambda p, v, d: read_host_names(ck, p, v),
+    })
+    upstream = read_section(ck, raw, "upstream", UpstreamConfig, {
+        "url": lambda p, v, d: read_url(ck, p, v, d, ("http", "https")),
+        "start_mock": ck.boolean, "preserve_host": ck.boolean,
+        "connect_timeout": read_positive(ck), "timeout": read_positive(ck),
+        "read_timeout": read_positive(ck, nullable=True),
+        "max_connections": read_positive(ck, minimum=1, exclusive=False, integer=True),
+    })
+    storage = read_section(ck, raw, "storage", StorageConfig, {
+        "backend": lambda p, v, d: ck.choice(p, v, d, ("memory", "redis")),
+        "url": lambda p, v, d: read_url(ck, p, v, d, ("redis", "rediss", "unix")),
+        "cluster": ck.boolean,
+        "key_prefix": lambda p, v, d: v if isinstance(v, str) else ck.string(p, v, d, what="a string"),
+        "timeout": read_positive(ck),
+        "on_error": lambda p, v, d: ck.choice(p, v, d, ("allow", "deny", "local")),
+    })
+    if storage.cluster and "url" in (raw.get("storage") or {}):
+        parts = urlsplit(storage.url)
+        if parts.scheme == "unix" or parts.path.strip("/") not in ("", "0"):
+            ck.error("storage.url", "a Redis Cluster has only database 0 and is reached over TCP",
+                     mask_url(storage.url))
+    clients = read_section(ck, raw, "clients", ClientsConfig, {
+        "api_key_header": lambda p, v, d: ck.string(p, v, d, pattern=HEADER_NAME_RE, what="an HTTP header name"),
+        "unknown_key": lambda p, v, d: ck.choice(p, v, d, ("reject", "anonymous")),
+        "require_key": ck.boolean,
+        "trusted_proxies": lambda p, v, d: read_networks(ck, p, v),
+        "ipv6_prefix": lambda p, v, d: read_prefix_length(ck, p, v, d),
+    })
+    log = ck.mapping("log", raw.get("log"), {"format": None})
+    log_format = ck.choice("log.format", log["format"], "text", ("text", "json")) if "format" in log else "text"
+    return {"server": server, "admin": admin, "upstream": upstream, "storage": storage,
+            "clients": clients, "log_format": log_format}
