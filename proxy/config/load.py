@@ -68,10 +68,11 @@ def build(tree: Any, path: str | None = None, *, errors: list[str] | None = None
         raise ConfigError(["the file must hold a mapping of sections, got " + show(tree)])
     sections = read_sections(ck, raw)
     require_key = sections["clients"].require_key
-    tiers = read_tiers(ck, raw.get("tiers"), require_key)
+    lease = sections["upstream"].timeout + 5  # a slot outlives its longest exchange, then a dead instance's ends
+    tiers = read_tiers(ck, raw.get("tiers"), require_key, lease=lease)
     known = raw.get("tiers") if isinstance(raw.get("tiers"), dict) else {"anonymous": None}
     api_keys = read_api_keys(ck, raw.get("api_keys"), tiers, known or {})
-    routes = read_routes(ck, raw.get("routes"), tiers)
+    routes = read_routes(ck, raw.get("routes"), tiers, lease=lease)
     if ck.errors:
         raise ConfigError(ck.errors)
     return Config(tiers=tiers, api_keys=api_keys, routes=routes, path=path, **sections)
