@@ -124,10 +124,13 @@ class Conformance:
         self.templates = [(re.compile(re.sub(r"\{[^/]+\}", "[^/]+", path) + "$"), path) for path in self.doc["paths"]]
         self.exercised: set[tuple[str, str]] = set()
 
-    def response_spec(self, method: str, path: str, status: int) -> dict[str, Any]:
+    def operation(self, method: str, path: str) -> dict[str, Any]:
         [template] = [t for regex, t in self.templates if regex.match(path)]
-        operation = self.doc["paths"][template][method.lower()]
         self.exercised.add((template, method.lower()))
+        return self.doc["paths"][template][method.lower()]
+
+    def response_spec(self, method: str, path: str, status: int) -> dict[str, Any]:
+        operation = self.operation(method, path)
         assert str(status) in operation["responses"], f"{method} {path}: {status} is not documented"
         spec = operation["responses"][str(status)]
         if "$ref" in spec:
@@ -146,6 +149,9 @@ class Conformance:
         async with tg.session.request(method, tg.admin_url + path, **kwargs) as resp:
             raw = await resp.read()
             spec = self.response_spec(method, resp.url.path, resp.status)
+            if "json" in kwargs and resp.status < 300:  # what the code accepted, the document accepts
+                self.check_body(self.operation(method, path)["requestBody"], "application/json", kwargs["json"],
+                                f"{method} {path} request")
             for name, header in spec.get("headers", {}).items():
                 assert not header.get("required") or name in resp.headers, f"{name} missing"
             if "content" not in spec:
