@@ -23,6 +23,7 @@ from .dashboard import setup_dashboard
 from .identity import find_client, visible_ascii
 from .limits.algorithms import Outcome
 from .limits.store import Limit, StorageUnavailable
+from .openapi import document
 from .problems import problem
 from .ratelimit_headers import most_constraining, refusing_limit, whole_seconds
 from .runtime import RUNTIME, Runtime
@@ -256,6 +257,10 @@ async def metrics(request: web.Request) -> web.Response:
     return response
 
 
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(document(open_paths=OPEN_PATHS, cookie=COOKIE))
+
+
 def setup_admin(app: web.Application) -> None:
     runtime = app[RUNTIME]
     app.middlewares.append(refuse_foreign(OPEN_PATHS))  # before the token: a rebinding page gets no 401 to probe
@@ -270,4 +275,5 @@ def setup_admin(app: web.Application) -> None:
     router.add_post("/api/check", check)
     router.add_post("/api/reload", reload)
     router.add_get("/metrics", metrics)
+    router.add_get("/api/openapi.json", openapi_json)
     setup_dashboard(app, stats=lambda: stats_body(runtime))
