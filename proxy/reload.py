@@ -29,6 +29,7 @@ SETTLE = 0.5  # a change is taken once the file stayed the same this long: withi
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("server.host", lambda c: c.server.host), ("server.port", lambda c: c.server.port),
+    ("server.workers", lambda c: c.server.workers),
     ("admin.host", lambda c: c.admin.host), ("admin.port", lambda c: c.admin.port),
     ("storage.backend", lambda c: c.storage.backend), ("storage.url", lambda c: c.storage.url),
     ("storage.cluster", lambda c: c.storage.cluster), ("storage.key_prefix", lambda c: c.storage.key_prefix),
