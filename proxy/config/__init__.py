@@ -7,7 +7,7 @@ Everything else imports from here; the submodules are the homes of new keys.
 from ..masking import mask_url
 from ..routes import Route, RouteTable
 from .checks import show
-from .load import build, from_text, load, parse_yaml
+from .load import build, from_text, load, parse_yaml, read
 from .model import (
     AdminConfig,
     ApiKey,
@@ -25,5 +25,5 @@ from .policy import hash_key, policy_item
 __all__ = [
     "AdminConfig", "ApiKey", "ClientsConfig", "Config", "ConfigError", "Network", "Route", "RouteTable",
     "ServerConfig", "StorageConfig", "Tier", "UpstreamConfig", "build", "from_text", "hash_key", "load",
-    "mask_url", "parse_yaml", "policy_item", "show",
+    "mask_url", "parse_yaml", "policy_item", "read", "show",
 ]
