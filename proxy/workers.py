@@ -162,6 +162,7 @@ class Group:
         self.stopping = True
         for task in self._watchers:
             task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)  # no replacement starts after this
         live = self._live()
         for worker in live:
             assert worker.proc is not None

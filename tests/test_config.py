@@ -65,6 +65,9 @@ CASES = [
          'server.workers: must be an integer >= 1 or "auto", got "many"'),
     case("server.workers-memory", "server: {workers: 2}",
          "server.workers: more than one worker needs storage.backend: redis (memory state is per process), got 2"),
+    case("server.workers-port-0", "server: {workers: 2, port: 0}\nstorage: {backend: redis}",
+         "server.workers: more than one worker needs a fixed server.port (with 0 each worker would get a port "
+         "of its own), got 2"),
     case("server.shutdown_timeout", "server: {shutdown_timeout: -1}",
          "server.shutdown_timeout: must be a number >= 0, got -1"),
     case("server.shutdown_timeout-text", "server: {shutdown_timeout: 10s}",

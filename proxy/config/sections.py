@@ -59,6 +59,9 @@ def read_sections(ck: Checker, raw: dict[str, Any]) -> dict[str, Any]:
     if server.workers > 1 and storage.backend == "memory":
         ck.error("server.workers", "more than one worker needs storage.backend: redis "
                  "(memory state is per process)", server.workers)
+    if server.workers > 1 and server.port == 0:
+        ck.error("server.workers", "more than one worker needs a fixed server.port "
+                 "(with 0 each worker would get a port of its own)", server.workers)
     clients = read_section(ck, raw, "clients", ClientsConfig, {
         "api_key_header": lambda p, v, d: ck.string(p, v, d, pattern=HEADER_NAME_RE, what="an HTTP header name"),
         "unknown_key": lambda p, v, d: ck.choice(p, v, d, ("reject", "anonymous")),
