@@ -172,3 +172,24 @@ def test_merged_dumps_show_what_one_process_would(fake_clock):
     summed.load_sum([left_metrics.dump(), right_metrics.dump()])
     assert summed.requests == {("free", "allowed"): 32, ("free", "blocked"): 8}
     assert sum(summed.duration_counts) == 40
+
+
+def test_a_worker_that_cannot_listen_stops_the_start_with_one_clear_line(run_process, tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ports = {"port": busy.getsockname()[1], "admin": free_port(), "mock": free_port()}
+        cfg = tmp_path / "busy.yaml"
+        cfg.write_text(f"server: {{port: {ports['port']}, workers: 2}}\n"
+                       f"admin: {{port: {ports['admin']}}}\n"
+                       f"upstream: {{url: 'http://127.0.0.1:{ports['mock']}', start_mock: true}}\n"
+                       f"storage: {{backend: redis, url: 'redis://127.0.0.1:{free_port()}/0'}}\n")
+        proc = run_process([sys.executable, "run.py", "--config", str(cfg)])
+        assert proc.wait(timeout=20) == 1
+    err = proc.stderr_text()
+    assert f"cannot listen on 127.0.0.1:{ports['port']} for the proxy port" in err
+    assert "tollgate: worker 0 did not start (see its error above)" in err and "Traceback" not in err
+    with socket.socket() as s:  # the mock it had started was stopped
+        s.bind(("127.0.0.1", ports["mock"]))
