@@ -28,6 +28,7 @@ from .problems import problem
 from .ratelimit_headers import most_constraining, refusing_limit, whole_seconds
 from .runtime import RUNTIME, Runtime
 from .selectors import GLOBAL_SUBJECT, hashed
+from .stats import Stats
 
 COOKIE: Final = "tollgate_admin"
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
@@ -94,8 +95,13 @@ def config_body(runtime: Runtime) -> dict[str, Any]:
 
 async def stats_body(runtime: Runtime) -> dict[str, Any]:
     """Everything the dashboard shows, in one JSON document."""
-    stats = runtime.stats
+    stats, workers = runtime.stats, None
+    if runtime.workers is not None:
+        workers = await runtime.workers.gather()
+        stats = Stats.merged([w["stats"] for w in workers], clock=stats.clock, started=stats.started)
     body = stats.snapshot()
+    if workers is not None:
+        body["workers"] = [{"pid": w["pid"], "requests": w["stats"]["totals"]["requests"]} for w in workers]
     for key, by in (("top_clients", "requests"), ("top_blocked", "blocked")):
         rows = []
         for client_id, counts in stats.top(TOP_N, by=by):
@@ -141,7 +147,10 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def stats_reset(request: web.Request) -> web.Response:
-    request.app[RUNTIME].stats.reset()
+    runtime = request.app[RUNTIME]
+    runtime.stats.reset()
+    if runtime.workers is not None:
+        await runtime.workers.reset_stats()
     return web.Response(status=204)
 
 
@@ -251,7 +260,10 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    output = generate_latest(request.app[RUNTIME].metrics.registry)
+    runtime = request.app[RUNTIME]
+    if runtime.workers is not None:
+        runtime.metrics.load_sum([w["metrics"] for w in await runtime.workers.gather()])
+    output = generate_latest(runtime.metrics.registry)
     response = web.Response(body=output)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
