@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from ..bounded import keep
 from ..config import StorageConfig, mask_url
@@ -47,6 +47,7 @@ from .algorithms import (
     new_tuple,
     to_micros,
 )
+from .deadline import NO_DEADLINE, ServerClock, deadline_us
 from .redis_pipe import RedisPipe
 from .store import Clock, Limit, StorageUnavailable, Store
 
@@ -85,7 +86,8 @@ class RedisStore(Store):
         self._pipe = None if isinstance(client, RedisCluster) else RedisPipe(
             url, connect_timeout=timeout or 1.0, describe=mask_url(url))
         self._limit_args: dict[int, tuple[Sequence[Limit], list[str]]] = {}
-        self._commands: dict[tuple[str, str, int, int], tuple[Sequence[Limit], bytes]] = {}
+        self._commands: dict[tuple[str, str, int, int], tuple[Sequence[Limit], bytes, bytes]] = {}
+        self._server_clock = ServerClock(self._server_time)
 
     @classmethod
     def from_config(cls, storage: StorageConfig, *, clock: Clock | None = None) -> RedisStore:
@@ -146,8 +148,21 @@ class RedisStore(Store):
                 await asyncio.gather(*(self.ping() for _ in range(connections)))
                 if self._pipe is not None:
                     await self._pipe.connect()
+                if self._clock is None:
+                    await self._server_clock.learn()
         except TimeoutError as exc:
             raise StorageUnavailable(f"cannot use {mask_url(self._url)} (no answer within {within:g}s)") from exc
+
+    async def _server_time(self) -> float:
+        """Redis's `TIME` in seconds, for the deadlines (deadline.py)."""
+        if self._pipe is not None:
+            reply = await self._pipe.call("TIME", timeout=self._timeout)
+            if isinstance(reply, hiredis.ReplyError):
+                raise StorageUnavailable(self._describe(reply))
+            seconds, micros = reply
+        else:
+            seconds, micros = await self._call(self._client.time)
+        return int(seconds) + int(micros) / 1e6
 
     async def close(self) -> None:
         if self._pipe is not None:
@@ -160,14 +175,23 @@ class RedisStore(Store):
             return []
         if timeout is None:
             timeout = self._timeout
+        deadline = NO_DEADLINE  # a peek charges nothing: it needs none
+        if mode == "acquire" and timeout is not None:
+            deadline = (self._server_clock.deadline(timeout) if self._clock is None
+                        else deadline_us(self._clock(), timeout, 0.0))
         if self._pipe is None:
-            keys, args = self._keys_and_args(mode, identity, limits, cost)
-            async with asyncio.timeout(timeout):
-                reply = await self._call(lambda: self._script(keys=keys, args=args))
+            keys, args = self._keys_and_args(mode, identity, limits, cost, deadline)
+            try:
+                async with asyncio.timeout(timeout):
+                    reply = await self._call(lambda: self._script(keys=keys, args=args))
+            except StorageUnavailable as exc:
+                if isinstance(exc.__cause__, ResponseError):
+                    self._check_late(str(exc.__cause__))
+                raise
             return parse_reply(reply)
         # The hot path: straight to the pipe, no coroutine in between.
         pipe = self._pipe
-        command = self._evalsha(mode, identity, limits, cost)
+        command = self._evalsha(mode, identity, limits, cost, deadline)
         try:
             reply = await pipe.send(command, timeout=timeout)
             if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
@@ -178,41 +202,67 @@ class RedisStore(Store):
             raise StorageUnavailable(f"cannot use {mask_url(self._url)} (Timeout: no reply within "
                                      f"{timeout:g}s)") from None
         if isinstance(reply, hiredis.ReplyError):
+            self._check_late(str(reply))
             raise StorageUnavailable(self._describe(reply))
         return parse_reply(reply)
 
+    def _check_late(self, error: str) -> None:
+        """A decision that ran past its deadline ("LATE <now>") charged nothing;
+        its caller was still waiting, so the offset was too high: take the
+        server's `now` as a new lower bound."""
+        if not error.startswith("LATE "):
+            return
+        if self._clock is None:
+            self._server_clock.observed(int(error[5:]) / 1e6)
+        raise StorageUnavailable(f"cannot use {mask_url(self._url)} (the decision reached Redis after "
+                                 "its deadline and was not applied)")
+
     def _keys_and_args(self, mode: str, identity: str, limits: Sequence[Limit],
-                       cost: int) -> tuple[list[str], list[str]]:
+                       cost: int, deadline: int) -> tuple[list[str], list[str]]:
         """acquire.lua's KEYS and ARGV for one decision."""
         now = "" if self._clock is None else str(to_micros(self._clock()))
         if len(limits) == 1:  # the common tier, without a comprehension (a call in Python 3.11)
             keys = [self.key(identity, limits[0])]
         else:
             keys = [self.key(identity, limit) for limit in limits]
-        return keys, [mode, now, str(cost), *self._args_of(limits)]
+        return keys, [mode, now, str(cost), f"{deadline:017d}", *self._args_of(limits)]
 
-    def _evalsha(self, mode: str, identity: str, limits: Sequence[Limit], cost: int) -> bytes:
+    def _evalsha(self, mode: str, identity: str, limits: Sequence[Limit], cost: int, deadline: int) -> bytes:
         """The decision's EVALSHA, packed for the pipe.
 
-        Where Redis reads its own clock (no `clock` given) nothing in it changes
-        from one request of a client to the next, so it is packed once per
-        (mode, client, tier's limits, cost) and kept: building the keys, the
-        arguments and the bytes was 20k of a request's 360k instructions
-        (bench/instructions.py).
+        Where Redis reads its own clock (no `clock` given) nothing in it but the
+        deadline changes from one request of a client to the next, so it is
+        packed once per (mode, client, tier's limits, cost) and kept as the
+        bytes before and after the deadline, a fixed-width argument: building
+        the keys, the arguments and the bytes was 20k of a request's 360k
+        instructions (bench/instructions.py).
         """
         if self._clock is not None:  # the time is an argument: new bytes every call
-            return self._pack(mode, identity, limits, cost)
+            return self._pack(mode, identity, limits, cost, deadline)
         slot = (mode, identity, id(limits), cost)
         cached = self._commands.get(slot)
         if cached is None or cached[0] is not limits:  # id() reused after a reload: not ours
-            cached = keep(self._commands, slot, (limits, self._pack(mode, identity, limits, cost)), MAX_COMMANDS)
-        return cached[1]
+            cached = keep(self._commands, slot, (limits, *self._pack_around_deadline(mode, identity, limits, cost)),
+                          MAX_COMMANDS)
+        return cached[1] + b"%017d" % deadline + cached[2]
 
-    def _pack(self, mode: str, identity: str, limits: Sequence[Limit], cost: int) -> bytes:
-        keys, args = self._keys_and_args(mode, identity, limits, cost)
+    def _pack(self, mode: str, identity: str, limits: Sequence[Limit], cost: int, deadline: int) -> bytes:
+        keys, args = self._keys_and_args(mode, identity, limits, cost, deadline)
         command: tuple[Any, ...] = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
         packed: bytes = hiredis.pack_command(command)
         return packed
+
+    def _pack_around_deadline(self, mode: str, identity: str, limits: Sequence[Limit],
+                              cost: int) -> tuple[bytes, bytes]:
+        """The packed EVALSHA split where its 17 deadline digits go."""
+        keys, args = self._keys_and_args(mode, identity, limits, cost, NO_DEADLINE)
+        before: tuple[Any, ...] = ("EVALSHA", self._script.sha, len(keys), *keys, *args[:3])
+        packed: bytes = hiredis.pack_command((*before, *args[3:]))
+        # `before` packed alone, its "*<count>" header swapped for the whole command's, then "$17"
+        alone = hiredis.pack_command(before)
+        head = len(alone) - len(b"*%d\r\n" % len(before)) + len(b"*%d\r\n" % (len(before) + len(args) - 3))
+        head += len(b"$17\r\n")
+        return packed[:head], packed[head + 17:]
 
     def _args_of(self, limits: Sequence[Limit]) -> list[str]:
         """The script's per-limit arguments, built once per tier's limits."""

@@ -10,7 +10,10 @@
 -- ARGV[1]  "acquire" (check, and charge only if every limit allows) or "peek"
 -- ARGV[2]  now in integer microseconds, or "" for the server clock (TIME)
 -- ARGV[3]  cost (ignored by peek)
--- ARGV[4 + 3(i-1) ..]  limit i: algorithm short code, then its two parameters
+-- ARGV[4]  deadline in integer microseconds on the same clock as now, 0 for none:
+--          an acquire that runs later (its caller gave up) writes nothing and
+--          returns the error "LATE <now>"
+-- ARGV[5 + 3(i-1) ..]  limit i: algorithm short code, then its two parameters
 --   tb: capacity, refill_rate   sw: limit, window_us
 --   fw: limit, window_us        lb: rate, queue
 -- Returns 9 integers per limit: allowed (1/0), then remaining, reset,
@@ -333,10 +336,14 @@ else
   now = tonumber(ARGV[2])
 end
 local cost = tonumber(ARGV[3])
+local deadline = tonumber(ARGV[4])
+if mode == 'acquire' and deadline > 0 and now > deadline then
+  return redis.error_reply(string.format('LATE %d', now))
+end
 
 local algs, params, states = {}, {}, {}
 for i = 1, #KEYS do
-  local base = 4 + 3 * (i - 1)
+  local base = 5 + 3 * (i - 1)
   local code = ARGV[base]
   local alg = ALGORITHMS[code]
   if alg == nil then
