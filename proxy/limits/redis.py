@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Hashable, Sequence
 from importlib import resources
 from math import ldexp
 from typing import Any, Final, TypeVar
@@ -33,7 +33,8 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError, ResponseError, SlotNotCoveredError
 
 from ..bounded import keep
 from ..config import StorageConfig, mask_url
@@ -49,7 +50,7 @@ from .algorithms import (
 )
 from .deadline import NO_DEADLINE, ServerClock, deadline_us
 from .redis_pipe import RedisPipe
-from .store import Clock, Limit, StorageUnavailable, Store
+from .store import WHOLE, Clock, Limit, StorageUnavailable, Store
 
 # Commands in flight at once; also each pool's size, so the pool never runs out
 # (redis-py raises rather than waits when it does). Enough to pipeline a busy
@@ -85,6 +86,7 @@ class RedisStore(Store):
         self._timeout = timeout  # a call's bound when its caller names none
         self._pipe = None if isinstance(client, RedisCluster) else RedisPipe(
             url, connect_timeout=timeout or 1.0, describe=mask_url(url))
+        self.sharded = self._pipe is None
         self._limit_args: dict[int, tuple[Sequence[Limit], list[str]]] = {}
         self._commands: dict[tuple[str, str, int, int], tuple[Sequence[Limit], bytes, bytes]] = {}
         self._server_clock = ServerClock(self._server_time)
@@ -110,6 +112,20 @@ class RedisStore(Store):
             client = Redis.from_url(storage.url, **options)
         return cls(client, url=storage.url, key_prefix=storage.key_prefix, clock=clock,
                    timeout=storage.timeout)
+
+    def shard_of(self, identity: str) -> Hashable:
+        """A Cluster's node serving the slot of `identity`'s hash tag now (its
+        "host:port"); WHOLE until the client has learned the slot map."""
+        try:
+            return self._client.nodes_manager.get_node_from_slot(_slot(identity)).name  # type: ignore[union-attr]
+        except SlotNotCoveredError:
+            return WHOLE
+
+    def shards(self) -> Collection[Hashable]:
+        if not self.sharded:
+            return (WHOLE,)
+        primaries = self._client.get_primaries()  # type: ignore[union-attr]
+        return {node.name for node in primaries} or (WHOLE,)
 
     def key(self, identity: str, limit: Limit) -> str:
         """The Redis key of `identity`'s state in `limit`."""
@@ -290,6 +306,12 @@ class RedisStore(Store):
         if password:  # redis-py never puts it in a message, but be sure
             reason = reason.replace(password, "***").replace(unquote(password), "***")
         return f"cannot use {mask_url(self._url)} ({reason})"
+
+
+@functools.lru_cache(maxsize=65536)
+def _slot(identity: str) -> int:
+    """The Cluster slot of `identity`'s keys: their hash tag's."""
+    return key_slot(_digest(identity).encode())
 
 
 @functools.lru_cache(maxsize=65536)
