@@ -11,10 +11,12 @@ import asyncio
 
 import pytest
 from harness import Tollgate, running
-from helpers import FakeClock, RedisServer, redis_command
+from helpers import FakeClock, RedisCluster, RedisServer, redis_command
 from test_redis_store import FOUR
 
 from proxy.config import StorageConfig
+from proxy.identity import key_identity
+from proxy.limiter import BACKOFF_START
 from proxy.limits.deadline import MARGIN_MAX, NO_DEADLINE, ServerClock, deadline_us
 from proxy.limits.redis import RedisStore
 from proxy.limits.store import StorageUnavailable
@@ -103,3 +105,60 @@ async def test_a_late_decision_raises_storage_unavailable(redis_server: RedisSer
         assert bucket.remaining == 9
     finally:
         await store.close()
+
+
+def cluster_config(url: str, clients: int) -> str:
+    keys = "".join(f"  key-{i}: {{tier: free, name: client-{i}}}\n" for i in range(clients))
+    return (
+        "upstream: {url: '{upstream}'}\n"
+        f"storage: {{backend: redis, cluster: true, url: '{url}', timeout: 0.25, on_error: deny}}\n"
+        "tiers:\n  anonymous: {unlimited: true}\n  free:\n    limits: [{algorithm: token_bucket, capacity: 5, refill_rate: 0.001}]\n"
+        "api_keys:\n" + keys
+    )
+
+
+async def statuses(tg: Tollgate, client: int, n: int) -> list[int]:
+    return [(await tg.get("/users", headers={"X-API-Key": f"key-{client}"}))[0] for _ in range(n)]
+
+
+async def readyz(tg: Tollgate) -> tuple[int, dict[str, object]]:
+    async with tg.session.get(tg.admin_url + "/readyz") as resp:
+        return resp.status, await resp.json()
+
+
+async def test_a_stalled_cluster_node_degrades_only_its_own_clients(
+    redis_cluster: RedisCluster, upstream, fake_clock: FakeClock,
+) -> None:
+    async with running(cluster_config(redis_cluster.url, 24), upstream.url) as tg:
+        limiter = tg.runtime.limiter
+        limiter.clock = fake_clock  # the back-off passes on this clock, not by sleeping
+        by_shard: dict[object, list[int]] = {}
+        for i in range(24):
+            identity = key_identity(tg.runtime.config.key_by_name(f"client-{i}"))
+            by_shard.setdefault(tg.store.shard_of(identity), []).append(i)
+        assert len(by_shard) == 3
+        stalled, *healthy_shards = sorted(by_shard, key=str)
+        hung = by_shard[stalled][:3]
+        healthy = [clients[i] for clients in (by_shard[s] for s in healthy_shards) for i in range(2)]
+        for client in hung + healthy:
+            assert await statuses(tg, client, 1) == [200]  # 4 of 5 left
+        node = next(n for n in redis_cluster.nodes if f"127.0.0.1:{n.port}" == stalled)
+        node.stop()
+        try:
+            for client in hung:
+                assert await statuses(tg, client, 2) == [503, 503]  # a timeout, then the back-off
+            for client in healthy:
+                assert await statuses(tg, client, 5) == [200] * 4 + [429]  # exact, throughout
+            status, body = await readyz(tg)
+            storage = body["storage"]
+            assert status == 200 and body["ready"] is True  # two of three nodes serve
+            assert isinstance(storage, dict) and storage["healthy"] is False
+            assert [d["shard"] for d in storage["down"]] == [stalled]
+        finally:
+            node.cont()
+        fake_clock.advance(BACKOFF_START)
+        for client in hung:  # the timed-out decisions charged nothing: 4 of 5 left still
+            assert await statuses(tg, client, 5) == [200] * 4 + [429]
+        assert limiter.healthy
+        assert (await readyz(tg))[1]["storage"] == {
+            "backend": "redis", "healthy": True, "on_error": "deny", "last_error": None, "down": []}
