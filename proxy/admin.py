@@ -72,9 +72,19 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def storage_body(runtime: Runtime) -> dict[str, Any]:
+    """The store's health; `down` lists each failed shard (a Cluster node's
+    "host:port", "*" for a whole store) with its own error and back-off."""
     limiter = runtime.limiter
-    return {"backend": limiter.store.backend, "healthy": limiter.health.healthy,
-            "on_error": limiter.on_error, "last_error": None if limiter.health.healthy else limiter.health.last_error}
+    down = limiter.failed_shards()
+    last = max(down.values(), key=lambda h: h.down_since or 0.0, default=None)
+    return {"backend": limiter.store.backend, "healthy": not down, "on_error": limiter.on_error,
+            "last_error": None if last is None else last.last_error,
+            "down": [{"shard": str(shard), "last_error": health.last_error, "errors": health.errors,
+                      "since": _iso(health.down_since)} for shard, health in down.items()]}
+
+
+def _iso(when: float | None) -> str | None:
+    return None if when is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def config_body(runtime: Runtime) -> dict[str, Any]:
@@ -116,7 +126,7 @@ async def stats_body(runtime: Runtime) -> dict[str, Any]:
 
 async def _remaining(runtime: Runtime, tier_name: str, identity: str) -> int | None:
     tier = runtime.config.tiers.get(tier_name)
-    if tier is None or tier.unlimited or not identity or not runtime.limiter.health.healthy:
+    if tier is None or tier.unlimited or not identity or not runtime.limiter.healthy_for(identity):
         return None
     known = [(limit, subject) for limit, subject in client_subjects(tier.limits, identity, "")
              if subject is not None and not limit.shadow and not limit.concurrent]

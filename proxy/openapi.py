@@ -67,6 +67,10 @@ SCHEMAS: Final[dict[str, Schema]] = {
         "healthy": {"type": "boolean"},
         "on_error": {"enum": ["allow", "deny", "local"]},
         "last_error": nullable({"type": "string", "description": "why the store is unhealthy; null while healthy"}),
+        "down": {"type": "array", "description": "each failed shard (a Cluster node, or the one Redis)", "items": obj({
+            "shard": {"type": "string"}, "last_error": nullable({"type": "string"}), "errors": COUNT,
+            "since": nullable({"type": "string", "format": "date-time"}),
+        })},
     }),
     "Readiness": obj({"ready": {"type": "boolean"}, "storage": ref("Storage")}),
     "Totals": obj({

@@ -59,8 +59,8 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.upstream = upstream_of(self.config)
-        health = self.limiter.health
-        self.metrics = Metrics(storage_errors=lambda: health.errors, storage_healthy=lambda: health.healthy)
+        limiter = self.limiter
+        self.metrics = Metrics(storage_errors=lambda: limiter.errors, storage_healthy=lambda: limiter.healthy)
         if self.access_log is None:
             self.access_log = AccessLog(self.config.log_format)
         self.observers = [self.stats.observe, self.metrics.observe, self.access_log]
