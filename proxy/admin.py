@@ -155,16 +155,23 @@ async def client_get(request: web.Request) -> web.Response:
         return problem(404, "unknown_client", "No API key has this name, and it is not an IP address.")
     tier = runtime.config.tiers[found[0]]
     address = client_id if found[1].startswith("a:") else ""
-    known = client_subjects(tier.limits, found[1], address)
-    peekable = [(limit, subject) for limit, subject in known if subject is not None]
+    routes = [] if tier.unlimited else [route for route in runtime.config.routes if route.limits]
+    every = [*tier.limits, *(limit for route in routes for limit in route.limits)]
+    peekable = [(limit, subject) for limit, subject in client_subjects(every, found[1], address)
+                if subject is not None]
     try:
         outcomes = (await runtime.limiter.peek([s for _, s in peekable], [limit for limit, _ in peekable])
                     if peekable else [])
     except StorageUnavailable as exc:
         return problem(503, "limiter_unavailable", f"The limit store is unavailable: {exc}")
-    state = {limit.name: o for (limit, _), o in zip(peekable, outcomes)}
-    limits = [limit_body(limit, state.get(limit.name)) for limit in tier.limits]
-    return web.json_response({"id": client_id, "tier": tier.name, "unlimited": tier.unlimited, "limits": limits})
+    state = {limit.key: o for (limit, _), o in zip(peekable, outcomes)}
+    return web.json_response({
+        "id": client_id, "tier": tier.name, "unlimited": tier.unlimited,
+        "limits": [limit_body(limit, state.get(limit.key)) for limit in tier.limits],
+        "routes": [{"path": route.path, "methods": None if route.methods is None else sorted(route.methods),
+                    "limits": [limit_body(limit, state.get(limit.key)) for limit in route.limits]}
+                   for route in routes],
+    })
 
 
 async def client_delete(request: web.Request) -> web.Response:

@@ -145,6 +145,8 @@ SCHEMAS: Final[dict[str, Schema]] = {
     "ClientState": obj({
         "id": {"type": "string"}, "tier": {"type": "string"}, "unlimited": {"type": "boolean"},
         "limits": {"type": "array", "items": ref("LimitState")},
+        "routes": {"type": "array", "items": ref("RouteLimits"),
+                   "description": "each route with limits: this client's state in them (none if unlimited)"},
         "banned_until": nullable({"type": "string", "format": "date-time"}),
         "ban_seconds_left": nullable({"type": "number", "minimum": 0}),
     }, optional=("banned_until", "ban_seconds_left")),

@@ -76,6 +76,12 @@ async def test_a_global_route_limit_shows_its_shared_state(upstream, fake_clock)
             status, _, _ = await tg.get("/export", headers={"X-Forwarded-For": address})
             assert status == 200
         after = await admin_stats(tg)
+        async with tg.session.get(tg.admin_url + "/api/clients/198.51.100.1") as resp:
+            client = await resp.json()
+    (mine, _) = client["routes"]
+    assert mine["path"] == "/export" and {n: v["remaining"] for n, v in by_name(mine["limits"]).items()} == {
+        "export-all": 1, "login": 4}  # the shared state, and this address's own
+    assert by_name(client["limits"])["inflight"]["in_flight"] == 0
     (route, _), tiers = after["limits"]["routes"], after["limits"]["tiers"]
     assert route["path"] == "/export" and route["methods"] == ["GET", "POST"]
     limits = by_name(route["limits"])

@@ -275,7 +275,7 @@ async def test_real_answers_match_the_document(upstream, tmp_path):
 def test_an_undocumented_field_fails_the_check():
     c = Conformance()
     spec = c.response_spec("GET", "/api/clients/x", 200)
-    state = {"id": "x", "tier": "free", "unlimited": False, "limits": []}
+    state = {"id": "x", "tier": "free", "unlimited": False, "limits": [], "routes": []}
     c.check_body(spec, "application/json", state)
     with pytest.raises(AssertionError, match="'surprise' was unexpected"):
         c.check_body(spec, "application/json", {**state, "surprise": 1})
