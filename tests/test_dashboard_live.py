@@ -134,6 +134,9 @@ async def test_shadow_refusals_and_global_limit_states_show_live(upstream, brows
         assert inflight == "0"
         policies = await browser.evaluate("[...document.querySelectorAll('#tiers .policy')].map(d => d.textContent)")
         assert any(p.startswith("trial") and p.endswith("shadow") for p in policies)
+        await browser.evaluate("document.querySelector('#top-clients tr[data-client-id]').click()")
+        panel = "[...document.querySelectorAll('#client-limits tbody tr')].map(tr => tr.cells[0].textContent)"
+        await browser.wait_for(f"{panel}.some(t => t.startsWith('export-all') && t.endsWith('route /export'))")
         assert await browser.evaluate("document.querySelectorAll('img').length") == 0
         assert await browser.evaluate("document.querySelectorAll('script').length") == scripts
         assert browser.dialogs == [] and browser.errors == []

@@ -410,12 +410,15 @@
       return;
     }
     setText("client-panel-tier", c.tier || "");
-    const rows = (c.limits || []).map((l) => {
+    const own = (c.limits || []).map((l) => [l, ""]);
+    const onRoutes = (c.routes || []).flatMap((r) => r.limits.map((l) => [l, ` \u00b7 route ${r.path}`]));
+    const rows = [...own, ...onRoutes].map(([l, where]) => {
       const frac = l.limit ? Math.max(0, Math.min(1, (l.remaining ?? 0) / l.limit)) : 0;
       const bar = h("span", { class: "meter" }, h("span", {}));
       bar.firstChild.style.width = `${(frac * 100).toFixed(0)}%`;
+      const per = l.per && l.per.join("+") !== "client" ? ` \u00b7 per ${l.per.join("+")}` : "";
       return h("tr", {},
-        h("td", {}, l.name, h("div", { class: "algo" }, l.algorithm)),
+        h("td", {}, l.name, h("div", { class: "algo" }, l.algorithm + per + (l.shadow ? " \u00b7 shadow" : "") + where)),
         h("td", { class: "num" }, fmt.count(l.limit)),
         h("td", { class: l.remaining === 0 ? "num bad" : "num" }, fmt.count(l.remaining), bar),
         h("td", { class: "num" }, fmt.seconds(l.reset_seconds)));
