@@ -518,7 +518,8 @@ routes:
 def test_shipped_config_loads() -> None:
     cfg = config.load(REPO_ROOT / "config.yaml")
     assert set(cfg.tiers) == {"anonymous", "free", "premium", "internal"}
-    assert cfg.tiers["free"].limit_set.policy_header == '"burst";q=20;w=10, "daily";q=1000;w=86400'
+    assert cfg.tiers["free"].limit_set.policy_header == ('"burst";q=20;w=10, "daily";q=1000;w=86400, '
+                                                          '"tenant";q=5;w=3600')  # not inflight, not trial
     assert cfg.tiers["premium"].limit_set.policy_header == '"token_bucket";q=1000;w=10'
     assert cfg.tiers["internal"].unlimited and cfg.tiers["internal"].limits == ()
     assert cfg.api_keys[hash_key("demo-free-key")].tier == "free"
