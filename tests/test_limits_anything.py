@@ -13,9 +13,9 @@ import pytest
 from helpers import FakeClock
 
 from proxy.config import ConfigError, StorageConfig, from_text
-from proxy.limits.algorithms import Concurrency, FixedWindow, Outcome, TokenBucket
+from proxy.limits.algorithms import Concurrency, FixedWindow, LeakyBucket, Outcome, SlidingWindow, TokenBucket
 from proxy.limits.memory import MemoryStore
-from proxy.limits.redis import RedisStore
+from proxy.limits.redis import RedisStore, _slot
 from proxy.limits.store import Limit, Store
 from proxy.routes import Route
 from proxy.selectors import MISSING, hashed, parse
@@ -216,3 +216,63 @@ routes:
     assert limit_set.concurrent == (1,) and limit_set.shadow and not limit_set.per_client
     assert config.route_table.match("GET", "/login") is None  # POST only: a GET has the tier's limits alone
     assert config.limit_set(tier, Route("/")) is tier.limit_set
+
+
+# --- Redis Cluster: one decision over several slots ------------------------------
+
+
+@pytest.fixture
+async def cluster_store(redis_cluster: object, fake_clock: FakeClock) -> AsyncIterator[RedisStore]:
+    storage = StorageConfig(backend="redis", url=redis_cluster.url, cluster=True, timeout=2.0)  # type: ignore[attr-defined]
+    store = RedisStore.from_config(storage, clock=fake_clock)
+    await store.warm()
+    yield store
+    await store.close()
+
+
+def _subject_before(other: str) -> str:
+    """A client subject whose slot sorts before `other`'s: its slot is charged first."""
+    return next(f"k:c{n}" for n in range(10_000) if _slot(f"k:c{n}") < _slot(other))
+
+
+@pytest.mark.parametrize("algorithm", [
+    TokenBucket(5, 0.001), SlidingWindow(5, 60), FixedWindow(5, 60), LeakyBucket(0.001, 5), Concurrency(5),
+], ids=lambda a: a.name)
+async def test_a_refusal_in_another_slot_refunds_what_this_slot_charged(
+        cluster_store: RedisStore, fake_clock: FakeClock, algorithm: object) -> None:
+    """The client's slot is charged first, then the global limit's slot
+    refuses: the refund leaves the client's state exactly as it was."""
+    client = _subject_before("global")
+    mine = limit(algorithm, "mine", lease=60)
+    shared = limit(FixedWindow(1, 60), "shared", per=("global",))
+    both = [mine, shared]
+    assert [o.allowed for o in await cluster_store.acquire([client, "global"], both, 1, ticket="t1")] == [True, True]
+    before = await cluster_store.peek([client], [mine])
+    fake_clock.advance(0.001)
+    refused = await cluster_store.acquire([client, "global"], both, 1, ticket="t2")
+    assert [o.allowed for o in refused] == [True, False]
+    fake_clock.advance(0.001)
+    after = await cluster_store.peek([client], [mine])
+    assert (after[0].allowed, after[0].remaining) == (before[0].allowed, before[0].remaining)
+    assert refused[0].remaining == after[0].remaining
+
+
+async def test_cluster_decisions_across_slots_stay_exact_for_many_clients(
+        cluster_store: RedisStore, fake_clock: FakeClock) -> None:
+    """Ten clients, a tier limit each and one global route limit of 12 on
+    three masters: exactly 12 pass, and each client's own limit is charged
+    only for the requests that passed."""
+    burst = limit(TokenBucket(3, 0.001), "burst")
+    shared = limit(FixedWindow(12, 60), "shared", per=("global",))
+    passed: dict[str, int] = {}
+    for _ in range(3):
+        for n in range(10):
+            client = f"k:client{n}"
+            outcomes = await cluster_store.acquire([client, "global"], [burst, shared], 1)
+            if all(o.allowed for o in outcomes):
+                passed[client] = passed.get(client, 0) + 1
+    assert sum(passed.values()) == 12
+    for n in range(10):
+        client = f"k:client{n}"
+        [state] = await cluster_store.peek([client], [burst])
+        assert state.remaining == 3 - passed.get(client, 0)

@@ -49,6 +49,10 @@ class ServerClock:
         self._refresh_at = 0.0
         self._task: asyncio.Task[None] | None = None
 
+    def now(self) -> float:
+        """The server's time as far as we know it (our own until the offset is learned)."""
+        return self._clock() + (self.offset or 0.0)
+
     def deadline(self, timeout: float) -> int:
         """`deadline_us` for a decision starting now; NO_DEADLINE while the offset is unknown."""
         now = self._clock()

@@ -209,6 +209,8 @@ class RedisStore(Store):
             deadline = (self._server_clock.deadline(timeout) if self._clock is None
                         else deadline_us(self._clock(), timeout, 0.0))
         if self._pipe is None:
+            if len(subjects) > 1 and len({_slot(subject) for subject in subjects}) > 1:
+                return await self._decide_across_slots(mode, subjects, limits, cost, timeout, ticket)
             keys, args = self._keys_and_args(mode, subjects, limits, cost, ticket, deadline)
             try:
                 async with asyncio.timeout(timeout):
@@ -234,6 +236,50 @@ class RedisStore(Store):
             self._check_late(str(reply))
             raise StorageUnavailable(self._describe(reply))
         return parse_reply(reply)
+
+    async def _decide_across_slots(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit], cost: int,
+                                   timeout: float | None, ticket: str) -> list[Outcome]:
+        """A Cluster decision whose subjects live in several slots (a client's
+        limits beside a `per: global` one), which no single script can span.
+
+        Each slot's limits are decided by the script, all or nothing, slot
+        after slot at one explicit `now`; when one slot refuses, the slots
+        already charged are refunded (acquire.lua's "refund": tokens and
+        counts given back, the sliding-window entry at `now` taken out, the
+        ticket's slot freed) and report their state as it stands. Nothing is
+        ever over-admitted: between a charge and its refund (one round trip)
+        another request may be refused for quota that is coming back.
+        """
+        now = self._clock() if self._clock is not None else self._server_clock.now()
+        groups: dict[int, list[int]] = {}
+        for i, subject in enumerate(subjects):
+            groups.setdefault(_slot(subject), []).append(i)
+        order = [groups[slot] for slot in sorted(groups)]
+        outcomes: list[Outcome | None] = [None] * len(limits)
+        charged: list[list[int]] = []
+
+        async def run(run_mode: str, members: list[int]) -> list[Outcome]:
+            keys = [self.key(subjects[i], limits[i]) for i in members]
+            args = [run_mode, str(to_micros(now)), str(cost), ticket, f"{NO_DEADLINE:017d}",
+                    *self._args_of([limits[i] for i in members])]
+            async with asyncio.timeout(timeout):
+                return parse_reply(await self._call(lambda: self._script(keys=keys, args=args)))
+
+        for members in order:
+            answered = await run(mode, members)
+            for i, outcome in zip(members, answered):
+                outcomes[i] = outcome
+            if mode != "acquire":
+                continue
+            if any(not outcomes[i].allowed and not limits[i].shadow for i in members):  # type: ignore[union-attr]
+                for done in charged:
+                    await run("refund", [i for i in done if outcomes[i].allowed])  # type: ignore[union-attr]
+                for later in [*charged, *order[order.index(members) + 1:]]:  # report them as they stand
+                    for i, outcome in zip(later, await run("peek", later)):
+                        outcomes[i] = outcome._replace(allowed=True) if outcome.allowed else outcome
+                break
+            charged.append(members)
+        return [o for o in outcomes if o is not None]
 
     def _check_late(self, error: str) -> None:
         """A decision that ran past its deadline ("LATE <now>") charged nothing;

@@ -8,7 +8,8 @@
 --
 -- KEYS[i]  the state of limit i for its subject
 -- ARGV[1]  "acquire" (check, and charge only if every enforced limit allows),
---          "peek", or for concurrency slots "release" and "renew"
+--          "peek", for concurrency slots "release" and "renew", or "refund"
+--          (undo an acquire made at ARGV[2] that a Cluster decision took back)
 -- ARGV[2]  now in integer microseconds, or "" for the server clock (TIME)
 -- ARGV[3]  cost (ignored by peek)
 -- ARGV[4]  the request's ticket: the member naming its concurrency slots
@@ -104,6 +105,11 @@ local function load_tb()
   function TB.peek(a, state, now)
     local tokens = tb_tokens(a, state, now)
     return outcome(tokens + EPS >= 1, floor0(tokens), (a.capacity - tokens) / a.rate)
+  end
+
+  -- Give back `cost` tokens a request of another slot's refusal took (see refund below).
+  function TB.refund(a, state, now, cost)
+    return {math.min(a.capacity, state[1] + cost), state[2]}
   end
 
   function TB.ttl(a, state, now)
@@ -220,6 +226,29 @@ local function load_sw()
     return outcome(left >= 1, left, sw_reset(a, log, first, now))
   end
 
+  -- Take `cost` back from the entry admitted at `now` (and the cums after it);
+  -- an entry left with no cost of its own goes. nil: the log is empty.
+  function SW.refund(a, log, now, cost)
+    local parts, prev, pos = {}, log.base, log.body
+    while pos <= #log.s do
+      local _, stop, at, cum = string.find(log.s, SW_ENTRY, pos)
+      at, cum = tonumber(at), tonumber(cum)
+      if at >= now then
+        cum = cum - cost
+      end
+      if cum > prev then
+        parts[#parts + 1] = fmt(at) .. ':' .. fmt(cum)
+        prev = cum
+      end
+      pos = stop + 1
+    end
+    if #parts == 0 then
+      return nil
+    end
+    local head = fmt(log.base) .. ';'
+    return sw_log(head .. table.concat(parts, ','), #head + 1, log.base)
+  end
+
   function SW.ttl(a, log, now)
     return sw_reset(a, log, sw_live(a, log, now), now)
   end
@@ -265,6 +294,13 @@ local function load_fw()
       reset = to_end
     end
     return outcome(count < a.limit, a.limit - count, reset)
+  end
+
+  function FW.refund(a, state, now, cost)
+    if state[1] ~= floordiv(now, a.window_us) then
+      return state  -- a new window since: nothing of the request is left to give back
+    end
+    return {state[1], math.max(0, state[2] - cost)}
   end
 
   function FW.ttl(a, state, now)
@@ -316,6 +352,10 @@ local function load_lb()
     return outcome(backlog <= EPS or backlog <= a.queue + EPS, free, reset)
   end
 
+  function LB.refund(a, state, now, cost)
+    return {math.max(0.0, state[1] - cost), state[2]}
+  end
+
   function LB.ttl(a, state, now)
     return lb_backlog(a, state, now) / a.rate
   end
@@ -363,7 +403,7 @@ local LOADERS = {tb = load_tb, sw = load_sw, fw = load_fw, lb = load_lb, cc = lo
 local ALGORITHMS = {}
 
 local mode = ARGV[1]
-if mode ~= 'acquire' and mode ~= 'peek' and mode ~= 'release' and mode ~= 'renew' then
+if mode ~= 'acquire' and mode ~= 'peek' and mode ~= 'release' and mode ~= 'renew' and mode ~= 'refund' then
   return redis.error_reply('unknown mode ' .. tostring(mode))
 end
 local now
@@ -441,6 +481,25 @@ local function save(i, state)
   else
     redis.call('DEL', KEYS[i])
   end
+end
+
+if mode == 'refund' then
+  -- Undo an acquire of this slot's keys made at `now` (ARGV[2], explicit here)
+  -- whose request another slot refused: a Cluster decision over several slots
+  -- (RedisStore._decide_across_slots). Concurrency gives its ticket back.
+  for i = 1, #KEYS do
+    if algs[i].write ~= nil then
+      redis.call('ZREM', KEYS[i], ticket)
+    elseif states[i] ~= nil then
+      local state = algs[i].refund(params[i], states[i], now, cost)
+      if state == nil then
+        redis.call('DEL', KEYS[i])
+      else
+        save(i, state)
+      end
+    end
+  end
+  return {}
 end
 
 local outcomes = {}
