@@ -1,4 +1,4 @@
-"""Who is asking: request -> Client (API key name or address, and its tier).
+"""Who is asking: request -> Client (API key name, JWT subject or address, and its tier).
 
 The trusted-proxy walk follows aiohttp-remotes' XForwardedStrict: the
 X-Forwarded-For header is believed only when the peer itself is a trusted
@@ -8,16 +8,18 @@ proxy, and then only up to the rightmost address that is not one.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from multidict import CIMultiDictProxy
 
 from .bounded import keep
 from .config import ApiKey, Config, Network, Tier, hash_key
 from .limits.algorithms import new_tuple
+from .tokens import NO_CLAIMS, bearer, subject_identity, tier_name, verify
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAX_PEER_CLIENTS: Final = 4096
@@ -30,9 +32,10 @@ class Client(NamedTuple):
     faster than a frozen dataclass.
     """
 
-    id: str  # key name, or address (IPv6: its prefix network's address)
+    id: str  # key name, "jwt:<subject>", or address (IPv6: its prefix network's address)
     tier: Tier
     identity: str
+    claims: Mapping[str, Any] = NO_CLAIMS  # a verified JWT's claims (read-only), for `claim:<name>` selectors
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,11 @@ class Rejection:
 
     error: str
     message: str
+    challenge: str | None = None  # the WWW-Authenticate value, for a refused Bearer token
+
+
+INVALID_TOKEN: Final = Rejection(
+    "invalid_token", "The bearer token is not valid.", 'Bearer error="invalid_token"')
 
 
 def _parse(text: str) -> IPAddress | None:
@@ -103,7 +111,23 @@ def find_client(config: Config, client_id: str) -> tuple[str, str] | None:
     address = _parse(client_id)
     if "anonymous" not in config.tiers or address is None:
         return None
-    return "anonymous", address_identity(address_id(address, config.clients.ipv6_prefix))
+    return network_tier(config, address), address_identity(address_id(address, config.clients.ipv6_prefix))
+
+
+def network_tier(config: Config, address: IPAddress | None) -> str:
+    """An anonymous client's tier: that of the first clients.networks entry holding its address."""
+    if address is not None:
+        for net, tier in config.clients.networks:
+            if address in net:
+                return tier
+    return "anonymous"
+
+
+def denied(config: Config, headers: CIMultiDictProxy[str], peer: str | None) -> str | None:
+    """The client's address (after the trusted-proxy walk) if clients.deny holds it, else None."""
+    clients = config.clients
+    address = client_address(peer or "", headers.getall("X-Forwarded-For", ()), clients.trusted_proxies)
+    return str(address) if address is not None and any(address in net for net in clients.deny) else None
 
 
 def visible_ascii(text: str) -> bool:
@@ -117,7 +141,10 @@ def visible_ascii(text: str) -> bool:
 
 
 def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) -> Client | Rejection:
-    """Map a request to a Client of the config in force, or say why not."""
+    """Map a request to a Client of the config in force, or say why not.
+
+    An API key wins over a Bearer token; a token is looked at only when clients.jwt is set.
+    """
     clients = config.clients
     key = headers.get(clients.api_key_header)
     if key:
@@ -129,10 +156,14 @@ def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) ->
             return Client(entry.name, config.tiers[entry.tier], key_identity(entry))
         if clients.unknown_key == "reject":
             return Rejection("invalid_api_key", f"The {clients.api_key_header} header holds an unknown API key.")
+    if clients.jwt is not None:
+        token = bearer(headers.get("Authorization", ""))
+        if token is not None:
+            return _token_client(config, token)
     if config.anonymous_by_peer and peer is not None and ":" not in peer:
         # The common case: an IPv4 peer is the client. Its Client is kept:
         # building one was almost half of resolving (4.4k -> 2.4k instructions).
-        client = config.peer_clients.get(peer)
+        client = peer_clients(config).get(peer)
         return client if client is not None else _remember(config, peer)
     if clients.require_key and not key:
         return Rejection("missing_api_key", f"An API key is required in the {clients.api_key_header} header.")
@@ -140,10 +171,38 @@ def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) ->
         return Rejection("invalid_api_key", f"The {clients.api_key_header} header holds an unknown API key.")
     address = client_address(peer or "", headers.getall("X-Forwarded-For", ()), clients.trusted_proxies)
     ip = address_id(address, clients.ipv6_prefix) if address is not None else (peer or "unknown")
-    return new_tuple(Client, (ip, config.tiers["anonymous"], address_identity(ip)))  # see Outcome on new_tuple
+    tier = config.tiers[network_tier(config, address)] if clients.networks else config.tiers["anonymous"]
+    return new_tuple(Client, (ip, tier, address_identity(ip), NO_CLAIMS))  # see Outcome on new_tuple
+
+
+def _token_client(config: Config, token: str) -> Client | Rejection:
+    """A Bearer token's client, or the one answer every bad token gets (nothing that helps forge one)."""
+    settings = config.clients.jwt
+    assert settings is not None
+    claims = verify(settings, token) if visible_ascii(token) else None
+    if claims is None:
+        return INVALID_TOKEN
+    subject: str = claims[settings.subject_claim]
+    tier = config.tiers[tier_name(settings, claims, config.tiers)]
+    return Client("jwt:" + subject, tier, subject_identity(subject), claims)
+
+
+# proxy.identity's resolved anonymous clients, by peer address, per config (a
+# reload starts a new cache; the old one goes with its config)
+_peer_clients: dict[int, dict[str, Client]] = {}
+
+
+def peer_clients(config: Config) -> dict[str, Client]:
+    """The anonymous clients of `config` resolved so far, by IPv4 peer address."""
+    cache = _peer_clients.get(id(config))
+    if cache is None:
+        cache = _peer_clients[id(config)] = {}
+        weakref.finalize(config, _peer_clients.pop, id(config), None)
+    return cache
 
 
 def _remember(config: Config, peer: str) -> Client:
-    client = Client(peer, config.tiers["anonymous"], address_identity(peer))
-    kept: Client = keep(config.peer_clients, peer, client, MAX_PEER_CLIENTS)
+    tier = network_tier(config, _parse(peer)) if config.clients.networks else "anonymous"
+    client = Client(peer, config.tiers[tier], address_identity(peer))
+    kept: Client = keep(peer_clients(config), peer, client, MAX_PEER_CLIENTS)
     return kept

@@ -14,6 +14,7 @@ from .model import (
     ClientsConfig,
     Config,
     ConfigError,
+    JwtConfig,
     Network,
     ServerConfig,
     StorageConfig,
@@ -23,7 +24,7 @@ from .model import (
 from .policy import hash_key, policy_item
 
 __all__ = [
-    "AdminConfig", "ApiKey", "ClientsConfig", "Config", "ConfigError", "Network", "Route", "RouteTable",
+    "AdminConfig", "ApiKey", "ClientsConfig", "Config", "ConfigError", "JwtConfig", "Network", "Route", "RouteTable",
     "ServerConfig", "StorageConfig", "Tier", "UpstreamConfig", "build", "from_text", "hash_key", "load",
     "mask_url", "parse_yaml", "policy_item", "show",
 ]

@@ -1,0 +1,70 @@
+"""Bearer JWTs: verified against clients.jwt's keys, or refused without saying why.
+
+Only the configured algorithms are accepted and each selects only a key of
+its own type (proxy.config.jwt_keys), so neither `alg: none` nor an HS256
+token signed with an RSA public key can pass. `exp` is required; `exp` and
+`nbf` are checked with LEEWAY seconds of tolerance for clock skew between the
+issuer and Tollgate. A token is never logged, stored or shown: the client is
+known by its subject, and storage keys by the subject's digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Final
+
+import jwt
+
+from .config import JwtConfig
+
+LEEWAY: Final = 30  # seconds; the usual allowance for clock skew (a token lives minutes, not seconds)
+MAX_TOKEN: Final = 8192
+MAX_SUBJECT: Final = 256
+
+NO_CLAIMS: Final[Mapping[str, Any]] = MappingProxyType({})
+
+
+def bearer(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` value, else None (another scheme)."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip(" ") if scheme.lower() == "bearer" else None
+
+
+def verify(settings: JwtConfig, token: str) -> Mapping[str, Any] | None:
+    """The token's claims, read-only, if its signature and times hold; else None.
+
+    The caller has checked that the token is visible ASCII.
+    """
+    if len(token) > MAX_TOKEN:
+        return None
+    try:
+        header = jwt.get_unverified_header(token)
+        alg, kid = header.get("alg"), header.get("kid")
+        if alg not in settings.algorithms or not (kid is None or isinstance(kid, str)):
+            return None
+        key = settings.keys.get((kid, alg)) or settings.keys.get((None, alg))
+        if key is None:
+            return None
+        claims = jwt.decode(
+            token, key, algorithms=[alg], leeway=LEEWAY, issuer=settings.issuer, audience=settings.audience,
+            options={"require": ["exp"], "verify_aud": settings.audience is not None, "verify_sub": False},
+        )
+    except (jwt.PyJWTError, ValueError, TypeError):  # malformed input of any kind: just "invalid"
+        return None
+    subject = claims.get(settings.subject_claim)
+    if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT or not subject.isprintable():
+        return None
+    return MappingProxyType(claims)
+
+
+def tier_name(settings: JwtConfig, claims: Mapping[str, Any], tiers: Mapping[str, object]) -> str:
+    """The tier the token's tier claim names, or default_tier when it is missing or unknown."""
+    named = claims.get(settings.tier_claim) if settings.tier_claim else None
+    return named if isinstance(named, str) and named in tiers else settings.default_tier
+
+
+def subject_identity(subject: str) -> str:
+    """The limit-state key of a JWT client: a digest of its subject."""
+    return "j:" + hashlib.sha256(subject.encode()).hexdigest()[:32]
