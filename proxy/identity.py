@@ -8,8 +8,9 @@ proxy, and then only up to the rightmost address that is not one.
 from __future__ import annotations
 
 import ipaddress
+import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final, NamedTuple
@@ -140,7 +141,8 @@ def visible_ascii(text: str) -> bool:
     return text.isascii() and text.isprintable() and " " not in text
 
 
-def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) -> Client | Rejection:
+def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None, *,
+            clock: Callable[[], float] = time.time) -> Client | Rejection:
     """Map a request to a Client of the config in force, or say why not.
 
     An API key wins over a Bearer token; a token is looked at only when clients.jwt is set.
@@ -159,7 +161,7 @@ def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) ->
     if clients.jwt is not None:
         token = bearer(headers.get("Authorization", ""))
         if token is not None:
-            return _token_client(config, token)
+            return _token_client(config, token, clock())
     if config.anonymous_by_peer and peer is not None and ":" not in peer:
         # The common case: an IPv4 peer is the client. Its Client is kept:
         # building one was almost half of resolving (4.4k -> 2.4k instructions).
@@ -175,11 +177,11 @@ def resolve(config: Config, headers: CIMultiDictProxy[str], peer: str | None) ->
     return new_tuple(Client, (ip, tier, address_identity(ip), NO_CLAIMS))  # see Outcome on new_tuple
 
 
-def _token_client(config: Config, token: str) -> Client | Rejection:
+def _token_client(config: Config, token: str, now: float) -> Client | Rejection:
     """A Bearer token's client, or the one answer every bad token gets (nothing that helps forge one)."""
     settings = config.clients.jwt
     assert settings is not None
-    claims = verify(settings, token) if visible_ascii(token) else None
+    claims = verify(settings, token, now) if visible_ascii(token) else None
     if claims is None:
         return INVALID_TOKEN
     subject: str = claims[settings.subject_claim]

@@ -32,8 +32,8 @@ def bearer(authorization: str) -> str | None:
     return token.strip(" ") if scheme.lower() == "bearer" else None
 
 
-def verify(settings: JwtConfig, token: str) -> Mapping[str, Any] | None:
-    """The token's claims, read-only, if its signature and times hold; else None.
+def verify(settings: JwtConfig, token: str, now: float) -> Mapping[str, Any] | None:
+    """The token's claims, read-only, if its signature and times (at Unix time `now`) hold; else None.
 
     The caller has checked that the token is visible ASCII.
     """
@@ -49,14 +49,27 @@ def verify(settings: JwtConfig, token: str) -> Mapping[str, Any] | None:
             return None
         claims = jwt.decode(
             token, key, algorithms=[alg], leeway=LEEWAY, issuer=settings.issuer, audience=settings.audience,
-            options={"require": ["exp"], "verify_aud": settings.audience is not None, "verify_sub": False},
+            options={"require": ["exp"], "verify_aud": settings.audience is not None, "verify_sub": False,
+                     # times are checked below, on the injected clock
+                     "verify_exp": False, "verify_nbf": False, "verify_iat": False},
         )
     except (jwt.PyJWTError, ValueError, TypeError):  # malformed input of any kind: just "invalid"
+        return None
+    if not _in_time(claims, now):
         return None
     subject = claims.get(settings.subject_claim)
     if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT or not subject.isprintable():
         return None
     return MappingProxyType(claims)
+
+
+def _in_time(claims: Mapping[str, Any], now: float) -> bool:
+    """exp (required) not passed and nbf (optional) reached, give or take LEEWAY seconds."""
+    exp, nbf = claims.get("exp"), claims.get("nbf", now)
+    numbers = (int, float)
+    if not isinstance(exp, numbers) or not isinstance(nbf, numbers) or isinstance(exp, bool) or isinstance(nbf, bool):
+        return False
+    return nbf - LEEWAY <= now < exp + LEEWAY
 
 
 def tier_name(settings: JwtConfig, claims: Mapping[str, Any], tiers: Mapping[str, object]) -> str:

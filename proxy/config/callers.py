@@ -129,5 +129,5 @@ def _keys(ck: Checker, spec: Mapping[str, Any], algorithms: tuple[str, ...], bas
         if not isinstance(name, str) or not name:
             ck.error("clients.jwt.key_file", "must be a file path", name)
             return {}
-        return file_keys(ck, "clients.jwt.key_file", base / name, algorithms)
+        return file_keys(ck, "clients.jwt.key_file", base, name, algorithms)
     return {}

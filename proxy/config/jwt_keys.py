@@ -62,10 +62,14 @@ def secret_keys(ck: Checker, path: str, name: Any, algorithms: tuple[str, ...],
     return {(None, alg): raw for alg in algorithms}
 
 
-def file_keys(ck: Checker, path: str, file: Path, algorithms: tuple[str, ...]) -> KeyTable:
-    """The public keys of a JWKS or PEM file, by (kid, alg) and, where one key fits alg alone, (None, alg)."""
+def file_keys(ck: Checker, path: str, base: Path, name: str, algorithms: tuple[str, ...]) -> KeyTable:
+    """The public keys of a JWKS or PEM file, by (kid, alg) and, where one key fits alg alone, (None, alg).
+
+    `name` is the file as the config gives it, relative to `base` (the config's directory); errors show `name`.
+    """
+    file = name
     try:
-        with file.open("rb") as stream:
+        with (base / name).open("rb") as stream:
             data = stream.read(MAX_KEY_FILE + 1)
     except OSError as exc:
         ck.error(path, f"cannot read {file}: {exc.strerror or exc}")
@@ -96,7 +100,7 @@ def file_keys(ck: Checker, path: str, file: Path, algorithms: tuple[str, ...]) -
 Found = list[tuple[str | None, Any, str | None]]  # (kid, public key, the alg the JWK pins or None)
 
 
-def _jwks(ck: Checker, path: str, file: Path, data: bytes) -> Found | None:
+def _jwks(ck: Checker, path: str, file: str, data: bytes) -> Found | None:
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -123,7 +127,7 @@ def _jwks(ck: Checker, path: str, file: Path, data: bytes) -> Found | None:
     return found
 
 
-def _pem(ck: Checker, path: str, file: Path, data: bytes) -> Found | None:
+def _pem(ck: Checker, path: str, file: str, data: bytes) -> Found | None:
     try:
         if b"-----BEGIN CERTIFICATE-----" in data:
             key: Any = x509.load_pem_x509_certificate(data).public_key()
