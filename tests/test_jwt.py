@@ -26,6 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from recording import port_of, raw_request
 
 from proxy import config as config_module
+from proxy import identity
 from proxy.config import Config, ConfigError
 from proxy.identity import INVALID_TOKEN, Client, resolve
 from proxy.tokens import LEEWAY
@@ -231,6 +232,23 @@ def _write(directory: Path, text: str) -> Path:
     path = directory / "config.yaml"
     path.write_text(text)
     return path
+
+
+def test_a_verified_token_is_kept_per_config_bounded_and_never_beyond_exp(keydir, monkeypatch):
+    monkeypatch.setattr(identity, "MAX_TOKEN_CLIENTS", 3)
+    config = load(keydir, RS_JWT)
+    token = mint(RSA_A, "RS256", kid="a", exp=NOW + 100)
+    first = resolve(config, bearer(token), None, clock=clock)
+    assert isinstance(first, Client) and resolve(config, bearer(token), None, clock=clock) is first
+    assert resolve(config, bearer(token), None, clock=lambda: NOW + 100 + LEEWAY - 1) is first
+    assert resolve(config, bearer(token), None, clock=lambda: NOW + 100 + LEEWAY) is INVALID_TOKEN
+    reloaded = load(keydir, RS_JWT)  # a reload verifies again, with the keys it loaded
+    again = resolve(reloaded, bearer(token), None, clock=clock)
+    assert isinstance(again, Client) and again is not first
+    for i in range(6):
+        assert isinstance(resolve(config, bearer(mint(RSA_A, "RS256", kid="a", sub=f"u{i}")), None, clock=clock),
+                          Client)
+        assert len(identity._token_clients.of(config)) <= 3
 
 
 # --- config errors that need files or the environment ----------------------------------
