@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from aiohttp import web
@@ -21,10 +21,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .admin_guard import refuse_foreign
 from .dashboard import setup_dashboard
 from .identity import find_client, visible_ascii
-from .limits.store import StorageUnavailable
+from .limits.algorithms import Outcome
+from .limits.store import Limit, StorageUnavailable
 from .problems import problem
 from .ratelimit_headers import most_constraining, refusing_limit, whole_seconds
 from .runtime import RUNTIME, Runtime
+from .selectors import GLOBAL_SUBJECT, hashed
 
 COOKIE: Final = "tollgate_admin"
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
@@ -109,11 +111,28 @@ async def _remaining(runtime: Runtime, tier_name: str, identity: str) -> int | N
     tier = runtime.config.tiers.get(tier_name)
     if tier is None or tier.unlimited or not identity or not runtime.limiter.health.healthy:
         return None
+    known = [(limit, subject) for limit, subject in client_subjects(tier.limits, identity, "")
+             if subject is not None and not limit.shadow and not limit.concurrent]
+    if not known:
+        return None
     try:
-        outcomes = await runtime.limiter.peek(identity, tier)
+        outcomes = await runtime.limiter.peek([s for _, s in known], [limit for limit, _ in known])
     except StorageUnavailable:
         return None
     return outcomes[most_constraining(outcomes)].remaining
+
+
+def client_subjects(limits: Sequence[Limit], identity: str, address: str) -> list[tuple[Limit, str | None]]:
+    """The subject of each limit that a client id alone determines (None: it
+    depends on each request, like a header's value)."""
+    facts: dict[tuple[str, ...], str] = {("client",): identity, ("global",): GLOBAL_SUBJECT}
+    out: list[tuple[Limit, str | None]] = []
+    for limit in limits:
+        subject = facts.get(limit.per)
+        if subject is None and limit.per == ("address",) and address:
+            subject = hashed([address])
+        out.append((limit, subject))
+    return out
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -132,14 +151,29 @@ async def client_get(request: web.Request) -> web.Response:
     if found is None:
         return problem(404, "unknown_client", "No API key has this name, and it is not an IP address.")
     tier = runtime.config.tiers[found[0]]
+    address = client_id if found[1].startswith("a:") else ""
+    known = client_subjects(tier.limits, found[1], address)
+    peekable = [(limit, subject) for limit, subject in known if subject is not None]
     try:
-        outcomes = await runtime.limiter.peek(found[1], tier) if tier.limits else []
+        outcomes = (await runtime.limiter.peek([s for _, s in peekable], [limit for limit, _ in peekable])
+                    if peekable else [])
     except StorageUnavailable as exc:
         return problem(503, "limiter_unavailable", f"The limit store is unavailable: {exc}")
-    limits = [{"name": lim.name, "algorithm": lim.algorithm.name, "limit": lim.algorithm.capacity,
-               "remaining": o.remaining, "reset_seconds": whole_seconds(o.reset)}
-              for lim, o in zip(tier.limits, outcomes)]
+    state = {limit.name: o for (limit, _), o in zip(peekable, outcomes)}
+    limits = [limit_body(limit, state.get(limit.name)) for limit in tier.limits]
     return web.json_response({"id": client_id, "tier": tier.name, "unlimited": tier.unlimited, "limits": limits})
+
+
+def limit_body(limit: Limit, outcome: Outcome | None) -> dict[str, Any]:
+    """A limit as the admin API shows it; `remaining` is null where the
+    subject depends on each request (a header, a query parameter...)."""
+    body: dict[str, Any] = {"name": limit.name, "algorithm": limit.algorithm.name,
+                            "limit": limit.algorithm.capacity, "per": list(limit.per), "shadow": limit.shadow,
+                            "remaining": None if outcome is None else outcome.remaining,
+                            "reset_seconds": None if outcome is None else whole_seconds(outcome.reset)}
+    if limit.concurrent:
+        body["in_flight"] = None if outcome is None else limit.algorithm.capacity - outcome.remaining
+    return body
 
 
 async def client_delete(request: web.Request) -> web.Response:
@@ -147,8 +181,12 @@ async def client_delete(request: web.Request) -> web.Response:
     found = find_client(runtime.config, request.match_info["id"])
     if found is None:
         return problem(404, "unknown_client", "No API key has this name, and it is not an IP address.")
+    tier = runtime.config.tiers[found[0]]
+    address = request.match_info["id"] if found[1].startswith("a:") else ""
+    known = [(limit, subject) for limit, subject in client_subjects(tier.limits, found[1], address)
+             if subject is not None and subject != GLOBAL_SUBJECT]  # a client's reset leaves shared states alone
     try:
-        await runtime.limiter.reset(found[1], runtime.config.tiers[found[0]])
+        await runtime.limiter.reset([s for _, s in known], [limit for limit, _ in known])
     except StorageUnavailable as exc:
         return problem(503, "limiter_unavailable", f"The limit store is unavailable: {exc}")
     return web.Response(status=204)
@@ -184,14 +222,15 @@ async def check(request: web.Request) -> web.Response:
     key, tier_name, cost = parsed
     tier = runtime.config.tiers[tier_name]
     identity = "c:" + hashlib.sha256(key.encode()).hexdigest()[:32]
-    verdict, outcomes = await runtime.limiter.decide(identity, tier, cost)
+    limit_set = tier.limit_set  # the service's own requests have no route; their limits count the key
+    verdict, outcomes = await runtime.limiter.decide(limit_set, (identity,) * len(limit_set.limits), cost)
     if verdict.unavailable:
         return problem(503, "limiter_unavailable", "The rate limiter's storage is unavailable.",
                        headers={"Retry-After": "1"})
     result: dict[str, Any] = {"allowed": verdict.allowed, "tier": tier_name, "limit": None,
                               "remaining": None, "retry_after_seconds": 0}
     if outcomes:
-        index = most_constraining(outcomes) if verdict.allowed else refusing_limit(outcomes)
+        index = most_constraining(outcomes) if verdict.allowed else refusing_limit(limit_set, outcomes)
         result["limit"] = tier.limits[index].name
         result["remaining"] = outcomes[most_constraining(outcomes)].remaining
         result["retry_after_seconds"] = 0 if verdict.allowed else round(outcomes[index].retry_after, 3)

@@ -14,15 +14,16 @@ from typing import Final
 
 from aiohttp import web
 
-from .config import Route, Tier
+from .config import LimitSet, Route
 from .forward import BodyTooLarge, ClientGone, ExpectationFailed, UpstreamBroken, forward, upstream_failure
-from .identity import Rejection, denied, resolve
-from .limiter import Verdict
+from .identity import Rejection, denied, request_address, resolve
+from .limiter import Limiter, Verdict
 from .limits.algorithms import Outcome
 from .problems import problem
 from .ratelimit_headers import rate_limit_lines, refusing_limit, retry_after_header
 from .records import RequestRecord
 from .runtime import Runtime
+from .selectors import Facts, subjects_of
 from .target import HTTP_1, refuse_target, route_path
 from .tunnel import Upgraded
 from .upstream import UpstreamError
@@ -60,18 +61,39 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
         challenge = {"WWW-Authenticate": client.challenge} if client.challenge else None
         response = problem(401, client.error, client.message, headers=challenge)
         return _finish(runtime, record, response, started)
-    client_id, tier, identity, _claims = client
+    client_id, tier, identity, claims = client
     record = RequestRecord(request.method, request.path, client_id, tier.name, "allowed", identity)
+    if tier.unlimited:
+        return await _forward(request, runtime, record, started, b"")
+    limit_set = config.limit_set(tier, route)
+    subjects = subjects_of(limit_set, identity, lambda: Facts(
+        request, identity, route.path, request_address(config, request.headers, request.remote), claims))
     limiter = runtime.limiter
-    decision = limiter.decide_now(identity, tier, route.cost)
+    ticket = limiter.ticket(limit_set)
+    decision = limiter.decide_now(limit_set, subjects, route.cost, ticket)
     if decision is None:
-        decision = await limiter.consult_store(identity, tier, route.cost)
+        decision = await limiter.consult_store(limit_set, subjects, route.cost, ticket)
     verdict, outcomes = decision
-    lines = rate_limit_lines(tier, outcomes) if outcomes else b""
+    if limit_set.shadow and outcomes:
+        record.shadow = shadow_refusals(limit_set, outcomes)
+    lines = rate_limit_lines(limit_set, outcomes) if outcomes else b""
     if not verdict.allowed:
-        return _finish(runtime, record, _refuse(tier, verdict, outcomes, lines, record), started)
-    if verdict.delay > 0:
-        await asyncio.sleep(verdict.delay)  # leaky bucket: released in arrival order
+        return _finish(runtime, record, _refuse(limit_set, verdict, outcomes, lines, record), started)
+    if not limit_set.concurrent:
+        return await _admitted(request, runtime, record, started, lines, verdict.delay)
+    renewing = _renew_while_open(limiter, limit_set, subjects, ticket)
+    try:
+        return await _admitted(request, runtime, record, started, lines, verdict.delay)
+    finally:  # completed, aborted, failed or cut: the slots come back now
+        if renewing is not None:
+            renewing.cancel()
+        limiter.release(limit_set, subjects, ticket, verdict)
+
+
+async def _admitted(request: web.BaseRequest, runtime: Runtime, record: RequestRecord, started: float,
+                    lines: bytes, delay: float) -> web.StreamResponse:
+    if delay > 0:
+        await asyncio.sleep(delay)  # leaky bucket: released in arrival order
         if request.transport is None or request.transport.is_closing():
             record.status = 499  # gave up while queued: nothing to forward
             runtime.observe(record, time.perf_counter() - started)
@@ -79,21 +101,43 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
     return await _forward(request, runtime, record, started, lines)
 
 
-def _refuse(tier: Tier, verdict: Verdict, outcomes: Sequence[Outcome], lines: bytes,
+def _renew_while_open(limiter: Limiter, limit_set: LimitSet, subjects: tuple[str, ...],
+                      ticket: str) -> asyncio.Task[None] | None:
+    """Slots with a lease (Redis) outlive a long exchange (a WebSocket, a stream) only if renewed."""
+    lease = min((limit_set.limits[i].lease or 0.0 for i in limit_set.concurrent), default=0.0)
+    if not lease or not limiter.leases:
+        return None
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(lease / 3)
+            await limiter.renew(limit_set, subjects, ticket)
+
+    return asyncio.get_running_loop().create_task(renew())
+
+
+def shadow_refusals(limit_set: LimitSet, outcomes: Sequence[Outcome]) -> tuple[str, ...]:
+    """The shadow limits that would have refused: counted, logged, never enforced."""
+    limits = limit_set.limits
+    return tuple(limits[i].name for i, o in enumerate(outcomes) if not o.allowed and limits[i].shadow)
+
+
+def _refuse(limit_set: LimitSet, verdict: Verdict, outcomes: Sequence[Outcome], lines: bytes,
             record: RequestRecord) -> web.Response:
     """429 with the refusing limit, or 503 when the store is down and on_error is deny."""
     if verdict.unavailable:
         record.decision = "unavailable"
         return problem(503, "limiter_unavailable", "The rate limiter's storage is unavailable; "
                        "try again shortly.", headers={"Retry-After": "1"})
-    index = refusing_limit(outcomes)
+    limits = limit_set.limits
+    index = refusing_limit(limit_set, outcomes)
     retry = outcomes[index].retry_after
     record.decision = "blocked"
-    record.limit = tier.limits[index].name
-    violated = [limit.name for limit, o in zip(tier.limits, outcomes) if not o.allowed]
+    record.limit = limits[index].name
+    violated = [limit.name for limit, o in zip(limits, outcomes) if not o.allowed and not limit.shadow]
     return problem(
         429, "rate_limited", "Rate limit exceeded", headers={"Retry-After": retry_after_header(retry)}, lines=lines,
-        **{"violated-policies": violated}, tier=tier.name, limit=record.limit,
+        **{"violated-policies": violated}, tier=record.tier, limit=record.limit,
         retry_after_seconds=math.ceil(retry * 1000) / 1000,
     )
 

@@ -92,6 +92,13 @@ def address_id(address: IPAddress, ipv6_prefix: int) -> str:
     return str(address)
 
 
+def request_address(config: Config, headers: CIMultiDictProxy[str], peer: str | None) -> str:
+    """The client address of a request (for `per: address`), whoever the client is."""
+    clients = config.clients
+    address = client_address(peer or "", headers.getall("X-Forwarded-For", ()), clients.trusted_proxies)
+    return address_id(address, clients.ipv6_prefix) if address is not None else (peer or "unknown")
+
+
 def key_identity(entry: ApiKey) -> str:
     """The limit-state key of an API key's client: from its digest, never the key."""
     return "k:" + entry.digest[:32]

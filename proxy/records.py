@@ -26,6 +26,7 @@ class RequestRecord:
     upstream_seconds: float | None = None
     upstream_error: str | None = None  # kind: connect, timeout, protocol, broken
     limit: str | None = None  # refusing limit's name, when blocked
+    shadow: tuple[str, ...] = ()  # shadow limits that would have refused this request
     remaining: int | None = None
 
 

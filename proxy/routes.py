@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .limits.store import Limit
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -12,6 +14,9 @@ class Route:
     methods: frozenset[str] | None = None
     exempt: bool = False
     cost: int = 1
+    limits: tuple[Limit, ...] = ()  # applied with the tier's, all or nothing
+    messages: tuple[Limit, ...] = ()  # per WebSocket message the client sends
+    index: int = -1  # position in routes: Config.limit_set's key
 
     def matches(self, method: str, path: str) -> bool:
         """Prefix on whole segments: /search matches /search/x, not /searching."""

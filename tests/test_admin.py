@@ -111,9 +111,10 @@ async def test_client_state_reset_and_unknown(upstream, fake_clock):
         assert status == 200
         assert state["tier"] == "free"
         assert state["limits"] == [
-            {"name": "burst", "algorithm": "token_bucket", "limit": 3, "remaining": 1, "reset_seconds": 2},
-            {"name": "daily", "algorithm": "fixed_window", "limit": 100, "remaining": 98,
-             "reset_seconds": 86400 - int(fake_clock()) % 86400},
+            {"name": "burst", "algorithm": "token_bucket", "limit": 3, "per": ["client"], "shadow": False,
+             "remaining": 1, "reset_seconds": 2},
+            {"name": "daily", "algorithm": "fixed_window", "limit": 100, "per": ["client"], "shadow": False,
+             "remaining": 98, "reset_seconds": 86400 - int(fake_clock()) % 86400},
         ]
         async with tg.session.delete(tg.admin_url + "/api/clients/demo-free") as resp:
             assert resp.status == 204

@@ -173,7 +173,7 @@ async def test_behaviour_table(store: Store, fake_clock: FakeClock, table: str) 
     limits = [limit(algorithm)]
     for number, step in enumerate(steps):
         fake_clock.advance(step.advance)
-        [outcome] = await store.acquire(CLIENT, limits, step.cost)
+        [outcome] = await store.acquire([CLIENT] * len(limits), limits, step.cost)
         assert (number, seen(outcome)) == (number, expected(step))
 
 
@@ -181,11 +181,11 @@ async def test_all_or_nothing(store: Store, fake_clock: FakeClock) -> None:
     """A refusal by one limit charges no limit, whichever order they come in."""
     burst, daily = limit(TokenBucket(5, 1), "burst"), limit(FixedWindow(2, 60), "daily")
     for limits in ([burst, daily], [daily, burst]):
-        first = await store.acquire(CLIENT, [burst, daily], 1)
+        first = await store.acquire([CLIENT] * len([burst, daily]), [burst, daily], 1)
         assert [(o.allowed, o.remaining) for o in first] == [(True, 4), (True, 1)]
-        await store.acquire(CLIENT, [burst, daily], 1)
+        await store.acquire([CLIENT] * len([burst, daily]), [burst, daily], 1)
         for _ in range(3):
-            outcomes = await store.acquire(CLIENT, limits, 1)
+            outcomes = await store.acquire([CLIENT] * len(limits), limits, 1)
             by_name = dict(zip((lim.name for lim in limits), outcomes))
             assert by_name["daily"] == Outcome(False, 0, 40.0, 40.0)
             # burst would allow, so it reports its uncharged state: 3 tokens
@@ -195,13 +195,13 @@ async def test_all_or_nothing(store: Store, fake_clock: FakeClock) -> None:
 
 async def test_peek_charges_nothing(store: Store, fake_clock: FakeClock) -> None:
     limits = [limit(TABLES[name][0], name) for name in PEEKED]
-    assert await store.peek(CLIENT, limits) == [
+    assert await store.peek([CLIENT] * len(limits), limits) == [
         Outcome(True, 10, 0.0),
         Outcome(True, 3, 0.0),
         Outcome(True, 3, 0.0),
         Outcome(True, 3, 0.0),
     ]
-    await store.acquire(CLIENT, limits, 3)
+    await store.acquire([CLIENT] * len(limits), limits, 3)
     fake_clock.advance(0.5)
     expected_now = [
         Outcome(True, 8, 1.0),  # 7 + 1 refilled
@@ -209,14 +209,14 @@ async def test_peek_charges_nothing(store: Store, fake_clock: FakeClock) -> None
         Outcome(False, 0, 39.5),
         Outcome(True, 2, 0.5),  # 3 - 1 drained = 2: one leaving, one waiting
     ]
-    assert await store.peek(CLIENT, limits) == expected_now
-    assert await store.peek(CLIENT, limits) == expected_now
+    assert await store.peek([CLIENT] * len(limits), limits) == expected_now
+    assert await store.peek([CLIENT] * len(limits), limits) == expected_now
 
 
 async def test_reset_starts_full_and_touches_only_that_client(store: Store, fake_clock: FakeClock) -> None:
     limits = [limit(TokenBucket(2, 1))]
     for client in (CLIENT, "a:192.0.2.8"):
-        await store.acquire(client, limits, 2)
-    await store.reset(CLIENT, limits)
-    assert await store.peek(CLIENT, limits) == [Outcome(True, 2, 0.0)]
-    assert await store.peek("a:192.0.2.8", limits) == [Outcome(False, 0, 2.0)]
+        await store.acquire([client] * len(limits), limits, 2)
+    await store.reset([CLIENT] * len(limits), limits)
+    assert await store.peek([CLIENT] * len(limits), limits) == [Outcome(True, 2, 0.0)]
+    assert await store.peek(["a:192.0.2.8"] * len(limits), limits) == [Outcome(False, 0, 2.0)]

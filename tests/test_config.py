@@ -32,7 +32,7 @@ from proxy.config import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET = "super-secret-key-123"
 TOP_KNOWN = "admin, api_keys, clients, log, routes, server, storage, tiers, upstream"
-ALGOS = "token_bucket, sliding_window, fixed_window, leaky_bucket"
+ALGOS = "token_bucket, sliding_window, fixed_window, leaky_bucket, concurrency"
 
 
 def errors_of(text: str) -> list[str]:
@@ -241,7 +241,7 @@ CASES = [
     case("token_bucket.refill_rate-missing", anon("capacity: 10"),
          f"{LIM0}.refill_rate: is required for token_bucket"),
     case("token_bucket.unknown-param", anon("capacity: 10, refill_rate: 1, burst: 5"),
-         f"{LIM0}.burst: unknown key for token_bucket (known: name, algorithm, capacity, refill_rate)"),
+         f"{LIM0}.burst: unknown key for token_bucket (known: name, algorithm, per, shadow, capacity, refill_rate)"),
     # sliding_window
     case("sliding_window.limit-type", anon('algorithm: sliding_window, limit: "10", window: 60'),
          f'{LIM0}.limit: must be an integer >= 1, got "10"'),
@@ -262,7 +262,7 @@ CASES = [
     case("sliding_window.window-missing", anon("algorithm: sliding_window, limit: 10"),
          f"{LIM0}.window: is required for sliding_window"),
     case("sliding_window.unknown-param", anon("algorithm: sliding_window, limit: 10, window: 60, capacity: 5"),
-         f"{LIM0}.capacity: unknown key for sliding_window (known: name, algorithm, limit, window)"),
+         f"{LIM0}.capacity: unknown key for sliding_window (known: name, algorithm, per, shadow, limit, window)"),
     # fixed_window
     case("fixed_window.limit-float", anon("algorithm: fixed_window, limit: 1.5, window: 60"),
          f"{LIM0}.limit: must be an integer >= 1, got 1.5"),
@@ -281,7 +281,7 @@ CASES = [
     case("fixed_window.window-missing", anon("algorithm: fixed_window, limit: 10"),
          f"{LIM0}.window: is required for fixed_window"),
     case("fixed_window.unknown-param", anon("algorithm: fixed_window, limit: 10, window: 60, refill_rate: 1"),
-         f"{LIM0}.refill_rate: unknown key for fixed_window (known: name, algorithm, limit, window)"),
+         f"{LIM0}.refill_rate: unknown key for fixed_window (known: name, algorithm, per, shadow, limit, window)"),
     # leaky_bucket
     case("leaky_bucket.rate-type", anon('algorithm: leaky_bucket, rate: "1/s", queue: 10'),
          f'{LIM0}.rate: must be a number > 0, got "1/s"'),
@@ -302,7 +302,7 @@ CASES = [
     case("leaky_bucket.queue-missing", anon("algorithm: leaky_bucket, rate: 1"),
          f"{LIM0}.queue: is required for leaky_bucket"),
     case("leaky_bucket.unknown-param", anon("algorithm: leaky_bucket, rate: 1, queue: 5, capacity: 5"),
-         f"{LIM0}.capacity: unknown key for leaky_bucket (known: name, algorithm, rate, queue)"),
+         f"{LIM0}.capacity: unknown key for leaky_bucket (known: name, algorithm, per, shadow, rate, queue)"),
     # algorithm and limit names
     case("algorithm-unknown", anon("algorithm: gcra, rate: 1"),
          f'{LIM0}.algorithm: must be one of {ALGOS}, got "gcra"'),
@@ -310,7 +310,7 @@ CASES = [
          f'{LIM0}.algorithm: must be one of {ALGOS}, got "Token_Bucket"'),
     case("algorithm-not-string", anon("algorithm: 5"), f"{LIM0}.algorithm: must be one of {ALGOS}, got 5"),
     case("algorithm-typo-key", anon("capacity: 1, refill_rate: 1, algoritm: leaky_bucket"),
-         f"{LIM0}.algoritm: unknown key for token_bucket (known: name, algorithm, capacity, refill_rate)"),
+         f"{LIM0}.algoritm: unknown key for token_bucket (known: name, algorithm, per, shadow, capacity, refill_rate)"),
     case("limit.name-bad", anon('name: "my limit", capacity: 1, refill_rate: 1'),
          f'{LIM0}.name: must match [A-Za-z0-9_-]+, got "my limit"'),
     case("limit.name-number", anon("name: 5, capacity: 1, refill_rate: 1"),
@@ -389,7 +389,7 @@ CASES = [
          'routes[0].exempt: must be true or false, got "true"'),
     case("routes.exempt-int", "routes: [{path: /x, exempt: 1}]", "routes[0].exempt: must be true or false, got 1"),
     case("routes.unknown-key", "routes: [{path: /x, tier: free}]",
-         "routes[0].tier: unknown key (known: cost, exempt, methods, path)"),
+         "routes[0].tier: unknown key (known: cost, exempt, limits, messages, methods, path)"),
     case("routes-not-list", "routes: {path: /x}", 'routes: must be a list of routes, got {"path": "/x"}'),
     case("routes.item-not-mapping", "routes: [/x]", 'routes[0]: must be a mapping, got "/x"'),
     # --- file-level -----------------------------------------------------------
@@ -497,7 +497,7 @@ def assert_default_anonymous(cfg: Config) -> None:
     [limit] = tier.limits
     assert (limit.name, limit.algorithm.name) == ("token_bucket", "token_bucket")
     assert limit.algorithm.params() == (100, 10)
-    assert tier.policy_header == '"token_bucket";q=100;w=10'
+    assert tier.limit_set.policy_header == '"token_bucket";q=100;w=10'
 
 
 @pytest.mark.parametrize(
@@ -559,8 +559,8 @@ routes:
 def test_shipped_config_loads() -> None:
     cfg = config.load(REPO_ROOT / "config.yaml")
     assert set(cfg.tiers) == {"anonymous", "free", "premium", "internal"}
-    assert cfg.tiers["free"].policy_header == '"burst";q=20;w=10, "daily";q=1000;w=86400'
-    assert cfg.tiers["premium"].policy_header == '"token_bucket";q=1000;w=10'
+    assert cfg.tiers["free"].limit_set.policy_header == '"burst";q=20;w=10, "daily";q=1000;w=86400'
+    assert cfg.tiers["premium"].limit_set.policy_header == '"token_bucket";q=1000;w=10'
     assert cfg.tiers["internal"].unlimited and cfg.tiers["internal"].limits == ()
     assert cfg.api_keys[hash_key("demo-free-key")].tier == "free"
     assert cfg.api_keys[hash_key("demo-internal-key")].name == "demo-internal"
@@ -614,7 +614,7 @@ def test_default_limit_name_skips_a_name_given_explicitly() -> None:
     ],
 )
 def test_policy_header_item(limit: str, item: str) -> None:
-    assert config.from_text(anon(limit)).tiers["anonymous"].policy_header == item
+    assert config.from_text(anon(limit)).tiers["anonymous"].limit_set.policy_header == item
 
 
 def limit_keys(text: str) -> dict[str, str]:

@@ -30,16 +30,19 @@ class GatedStore(Store):
     def __init__(self) -> None:
         self.waiting: list[asyncio.Future[list[Outcome]]] = []
 
-    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int,
-                      timeout: float | None = None) -> list[Outcome]:
+    async def acquire(self, subjects: Sequence[str], limits: Sequence[Limit], cost: int,
+                      timeout: float | None = None, ticket: str = "") -> list[Outcome]:
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         self.waiting.append(future)
         return await future
 
-    async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:
+    async def peek(self, subjects: Sequence[str], limits: Sequence[Limit]) -> list[Outcome]:
         raise NotImplementedError
 
-    async def reset(self, identity: str, limits: Sequence[Limit]) -> None:
+    async def reset(self, subjects: Sequence[str], limits: Sequence[Limit]) -> None:
+        raise NotImplementedError
+
+    async def release(self, subjects: Sequence[str], limits: Sequence[Limit], ticket: str) -> None:
         raise NotImplementedError
 
     def fail_all(self) -> None:
@@ -63,29 +66,29 @@ async def test_a_burst_of_failed_requests_backs_off_once(fake_clock: FakeClock) 
     after 0.5 s, not after 5 s (one doubling per failed request, before)."""
     store = GatedStore()
     limiter = Limiter(store, on_error="deny", clock=fake_clock)
-    in_flight = [asyncio.ensure_future(limiter.decide("a", TIER, 1)) for _ in range(100)]
+    in_flight = [asyncio.ensure_future(limiter.decide(TIER.limit_set, ("a",), 1)) for _ in range(100)]
     await settle()
     store.fail_all()
     verdicts = [verdict for verdict, _ in await asyncio.gather(*in_flight)]
     assert all(v.unavailable for v in verdicts)
     assert limiter.health.retry_at - fake_clock() == BACKOFF_START
     fake_clock.advance(BACKOFF_START - 0.001)
-    assert limiter.decide_now("a", TIER, 1)[0].unavailable  # still backing off: no store call
+    assert limiter.decide_now(TIER.limit_set, ("a",), 1)[0].unavailable  # still backing off: no store call
     fake_clock.advance(0.001)
-    probe = asyncio.ensure_future(limiter.decide("a", TIER, 1))
+    probe = asyncio.ensure_future(limiter.decide(TIER.limit_set, ("a",), 1))
     await settle()
-    assert limiter.decide_now("a", TIER, 1)[0].unavailable  # one probe at a time
+    assert limiter.decide_now(TIER.limit_set, ("a",), 1)[0].unavailable  # one probe at a time
     assert len(store.waiting) == 1
     store.answer_all()
     verdict, _ = await probe
     assert verdict.allowed and limiter.health.healthy
-    assert limiter.decide_now("a", TIER, 1) is None  # healthy: back to the store
+    assert limiter.decide_now(TIER.limit_set, ("a",), 1) is None  # healthy: back to the store
 
 
 async def test_each_failed_probe_doubles_up_to_the_cap(fake_clock: FakeClock) -> None:
     store = GatedStore()
     limiter = Limiter(store, on_error="allow", clock=fake_clock)
-    first = asyncio.ensure_future(limiter.decide("a", TIER, 1))
+    first = asyncio.ensure_future(limiter.decide(TIER.limit_set, ("a",), 1))
     await settle()
     store.fail_all()
     await first
@@ -94,7 +97,7 @@ async def test_each_failed_probe_doubles_up_to_the_cap(fake_clock: FakeClock) ->
         wait = limiter.health.retry_at - fake_clock()
         waits.append(wait)
         fake_clock.advance(wait)
-        probe = asyncio.ensure_future(limiter.decide("a", TIER, 1))
+        probe = asyncio.ensure_future(limiter.decide(TIER.limit_set, ("a",), 1))
         await settle()
         store.fail_all()
         verdict, _ = await probe
@@ -105,13 +108,13 @@ async def test_each_failed_probe_doubles_up_to_the_cap(fake_clock: FakeClock) ->
 async def test_a_cancelled_probe_lets_the_next_request_probe(fake_clock: FakeClock) -> None:
     store = GatedStore()
     limiter = Limiter(store, on_error="deny", clock=fake_clock)
-    first = asyncio.ensure_future(limiter.decide("a", TIER, 1))
+    first = asyncio.ensure_future(limiter.decide(TIER.limit_set, ("a",), 1))
     await settle()
     store.fail_all()
     await first
     fake_clock.advance(BACKOFF_START)
-    probe = asyncio.ensure_future(limiter.decide("a", TIER, 1))
+    probe = asyncio.ensure_future(limiter.decide(TIER.limit_set, ("a",), 1))
     await settle()
     probe.cancel()  # the client went away mid-probe
     await settle()
-    assert limiter.decide_now("a", TIER, 1) is None  # the next request probes
+    assert limiter.decide_now(TIER.limit_set, ("a",), 1) is None  # the next request probes

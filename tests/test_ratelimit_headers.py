@@ -7,10 +7,8 @@ would build, whatever order states come in.
 
 from __future__ import annotations
 
-import dataclasses
-
 from proxy import ratelimit_headers
-from proxy.config import from_text
+from proxy.config import LimitSet, from_text
 from proxy.limits.algorithms import Outcome
 from proxy.ratelimit_headers import rate_limit_lines
 
@@ -24,7 +22,7 @@ tiers:
 
 
 def fresh(tier):
-    return dataclasses.replace(tier, header_lines={})
+    return LimitSet(tier.limits)
 
 
 def parsed(lines: bytes) -> dict[str, str]:
@@ -36,7 +34,7 @@ def test_lines_name_the_tightest_limit_even_when_whole_seconds_tie():
     """Two limits at the same remaining and the same whole seconds to reset: the
     tie goes to the one freeing last by the exact reset, so a cached line for
     one order must not answer the other."""
-    tier = from_text(TWO_LIMITS).tiers["anonymous"]
+    tier = from_text(TWO_LIMITS).tiers["anonymous"].limit_set
     burst_last = [Outcome(True, 5, 2.9), Outcome(True, 5, 2.1)]
     daily_last = [Outcome(True, 5, 2.1), Outcome(True, 5, 2.9)]
     first, second = rate_limit_lines(tier, burst_last), rate_limit_lines(tier, daily_last)
@@ -47,7 +45,7 @@ def test_lines_name_the_tightest_limit_even_when_whole_seconds_tie():
 
 
 def test_cached_lines_equal_fresh_ones_over_many_states():
-    tier = from_text(TWO_LIMITS).tiers["anonymous"]
+    tier = from_text(TWO_LIMITS).tiers["anonymous"].limit_set
     states = [[Outcome(True, r % 7, r * 0.37), Outcome(True, (r * 3) % 5, 86400 - r)] for r in range(300)]
     for outcomes in states + states[::-1]:
         assert rate_limit_lines(tier, outcomes) == rate_limit_lines(fresh(tier), outcomes)
@@ -55,7 +53,7 @@ def test_cached_lines_equal_fresh_ones_over_many_states():
 
 def test_the_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(ratelimit_headers, "MAX_LINES_PER_TIER", 10)
-    tier = from_text(TWO_LIMITS).tiers["anonymous"]
+    tier = from_text(TWO_LIMITS).tiers["anonymous"].limit_set
     for remaining in range(25):
         rate_limit_lines(tier, [Outcome(True, remaining, 1.0)] * 2)
         assert len(tier.header_lines) <= 10

@@ -105,7 +105,7 @@ async def test_key_layout(make_store: StoreFactory, redis_server: RedisServer, f
     now = to_micros(fake_clock())
     to_fresh: dict[str, float] = {}  # the algorithm's ttl: when the state is fresh again
     for identity in IDENTITIES:
-        await store.acquire(identity, FOUR, 2)
+        await store.acquire([identity] * len(FOUR), FOUR, 2)
         for lim in FOUR:
             state = lim.algorithm.check(None, now, 2)[1]
             to_fresh[store.key(identity, lim)] = lim.algorithm.ttl(state, now)
@@ -131,23 +131,23 @@ async def test_keys_expire_exactly_when_fresh(
     store, port = make_store(clock=fake_clock), redis_server.port
     tb, sw, _, lb = FOUR
     key = {lim.name: store.key("a:203.0.113.9", lim) for lim in FOUR}
-    await store.acquire("a:203.0.113.9", FOUR, 4)  # fixed window: t0 is 20 s into its minute
+    await store.acquire(["a:203.0.113.9"] * len(FOUR), FOUR, 4)  # fixed window: t0 is 20 s into its minute
     assert_pttl(port, key["tb"], 2.0)  # 4 tokens at 2/s
     assert_pttl(port, key["sw"], 60.0)
     assert_pttl(port, key["fw"], 40.0)
     assert_pttl(port, key["lb"], 2.0)  # backlog 4 at 2/s
     fake_clock.advance(1.5)
-    await store.acquire("a:203.0.113.9", [tb, sw, lb], 1)
+    await store.acquire(["a:203.0.113.9"] * len([tb, sw, lb]), [tb, sw, lb], 1)
     assert_pttl(port, key["tb"], 1.0)  # 9 tokens, 1 used: 8, 2 short
     assert_pttl(port, key["sw"], 60.0)  # the newest entry's window
     assert_pttl(port, key["lb"], 1.0)  # 4 - 3 drained + 1
     before = {name: redis_command(port, "GET", k) for name, k in key.items()}
-    refused = await store.acquire("a:203.0.113.9", FOUR, 1)  # sliding window is full
+    refused = await store.acquire(["a:203.0.113.9"] * len(FOUR), FOUR, 1)  # sliding window is full
     assert [o.allowed for o in refused] == [True, False, True, True]
     assert {name: redis_command(port, "GET", k) for name, k in key.items()} == before
     assert pttl(port, key["tb"]) <= 1000  # a refusal extends nothing
     fake_clock.advance(1.0)  # the token bucket is exactly full again
-    await store.acquire("a:203.0.113.9", [tb], 0)  # fresh state is not kept
+    await store.acquire(["a:203.0.113.9"] * len([tb]), [tb], 0)  # fresh state is not kept
     assert redis_command(port, "EXISTS", key["tb"]) == 0
 
 
@@ -157,12 +157,12 @@ async def test_sliding_window_keeps_only_live_entries(
     store, port = make_store(clock=fake_clock), redis_server.port
     window = [limit(SlidingWindow(100, 10), "sw")]
     key = store.key("c:log", window[0])
-    await store.acquire("c:log", window, 1)
+    await store.acquire(["c:log"] * len(window), window, 1)
     one_entry = redis_command(port, "STRLEN", key)
     assert isinstance(one_entry, int)
     for _ in range(40):  # one a second: 10 of them inside the window at the end
         fake_clock.advance(1)
-        [outcome] = await store.acquire("c:log", window, 1)
+        [outcome] = await store.acquire(["c:log"] * len(window), window, 1)
     assert outcome.remaining == 90
     now_length = redis_command(port, "STRLEN", key)
     assert isinstance(now_length, int) and now_length <= 10 * (one_entry + 4)
@@ -173,19 +173,19 @@ async def test_caller_timeout_leaves_no_stale_reply(make_store: StoreFactory, re
     that call's late reply to the next one."""
     store = make_store()
     two = FOUR[:2]
-    await store.acquire("c:first", two, 1)
+    await store.acquire(["c:first"] * len(two), two, 1)
     redis_server.stop()
     try:
         for limits in (FOUR, two):
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.05):
-                    await store.acquire("c:first", limits, 1)
+                    await store.acquire(["c:first"] * len(limits), limits, 1)
     finally:
         redis_server.cont()
-    replies = await asyncio.gather(*(store.acquire("c:second", two, 1) for _ in range(3)))
+    replies = await asyncio.gather(*(store.acquire(["c:second"] * len(two), two, 1) for _ in range(3)))
     assert sorted(o.remaining for [o, _] in replies) == [7, 8, 9]
     assert all(len(reply) == 2 for reply in replies)
-    assert len(await store.peek("c:first", FOUR)) == 4
+    assert len(await store.peek(["c:first"] * len(FOUR), FOUR)) == 4
 
 
 async def test_matches_memory_store_bit_for_bit(make_store: StoreFactory, fake_clock: FakeClock) -> None:
@@ -209,11 +209,11 @@ async def test_matches_memory_store_bit_for_bit(make_store: StoreFactory, fake_c
         chosen = rng.sample(limits, rng.randint(1, 3))
         identity = rng.choice(IDENTITIES)
         if rng.random() < 0.15:
-            got, want = await redis_store.peek(identity, chosen), await memory.peek(identity, chosen)
+            got, want = await redis_store.peek([identity] * len(chosen), chosen), await memory.peek([identity] * len(chosen), chosen)
         else:
             cost = rng.randint(1, 3)
-            got = await redis_store.acquire(identity, chosen, cost)
-            want = await memory.acquire(identity, chosen, cost)
+            got = await redis_store.acquire([identity] * len(chosen), chosen, cost)
+            want = await memory.acquire([identity] * len(chosen), chosen, cost)
         assert (step, got) == (step, want)
 
 
@@ -235,10 +235,10 @@ async def test_numbers_at_the_ends_of_the_double_range_come_back_exact(
     for step in range(8):
         fake_clock.advance(step * 0.37)
         for one in limits:
-            got = await redis_store.acquire(IDENTITIES[0], [one], 2)
-            want = await memory.acquire(IDENTITIES[0], [one], 2)
+            got = await redis_store.acquire([IDENTITIES[0]] * len([one]), [one], 2)
+            want = await memory.acquire([IDENTITIES[0]] * len([one]), [one], 2)
             assert (step, one.name, got) == (step, one.name, want)
-    assert (await redis_store.acquire(IDENTITIES[0], limits[:1], 1))[0].remaining > 10**299
+    assert (await redis_store.acquire([IDENTITIES[0]] * len(limits[:1]), limits[:1], 1))[0].remaining > 10**299
     assert pttl(redis_server.port, redis_store.key(IDENTITIES[0], limits[1])) == -1  # kept, no expiry
     assert pttl(redis_server.port, redis_store.key(IDENTITIES[0], limits[2])) > 0
 
@@ -246,12 +246,12 @@ async def test_numbers_at_the_ends_of_the_double_range_come_back_exact(
 async def test_killed_redis_fails_fast_then_recovers(make_store: StoreFactory, redis_server: RedisServer) -> None:
     store = make_store()
     masked = make_store(url=f"redis://:hunter2-pw@127.0.0.1:{redis_server.port}/0")
-    assert (await store.acquire("a:203.0.113.9", FOUR, 1))[0].remaining == 9
+    assert (await store.acquire(["a:203.0.113.9"] * len(FOUR), FOUR, 1))[0].remaining == 9
     redis_server.kill()
     for call in (
-        lambda: store.acquire("a:203.0.113.9", FOUR, 1),
+        lambda: store.acquire(["a:203.0.113.9"] * len(FOUR), FOUR, 1),
         store.ping,
-        lambda: masked.acquire("a:203.0.113.9", FOUR, 1),
+        lambda: masked.acquire(["a:203.0.113.9"] * len(FOUR), FOUR, 1),
     ):
         started = time.monotonic()
         with pytest.raises(StorageUnavailable) as failure:
@@ -260,36 +260,36 @@ async def test_killed_redis_fails_fast_then_recovers(make_store: StoreFactory, r
     assert f"127.0.0.1:{redis_server.port}" in str(failure.value)
     assert "***" in str(failure.value) and "hunter2" not in str(failure.value)
     redis_server.restart()  # empty, and its script cache too: NOSCRIPT reloads
-    assert (await store.acquire("a:203.0.113.9", FOUR, 1))[0].remaining == 9
+    assert (await store.acquire(["a:203.0.113.9"] * len(FOUR), FOUR, 1))[0].remaining == 9
     await store.ping()
 
 
 async def test_hung_redis_times_out_then_recovers(make_store: StoreFactory, redis_server: RedisServer) -> None:
     store = make_store(timeout=0.2)
-    await store.acquire("a:203.0.113.9", FOUR, 1)
+    await store.acquire(["a:203.0.113.9"] * len(FOUR), FOUR, 1)
     redis_server.stop()
     try:
         for _ in range(2):  # a pooled connection, then a new one
             started = time.monotonic()
             with pytest.raises(StorageUnavailable, match="Timeout"):
-                await store.acquire("a:203.0.113.9", FOUR, 1)
+                await store.acquire(["a:203.0.113.9"] * len(FOUR), FOUR, 1)
             assert time.monotonic() - started < 0.2 + 0.3
     finally:
         redis_server.cont()
     # A script already sent when the client gave up still runs once Redis
     # resumes (nothing can take it back), so up to two more tokens are gone.
-    [bucket, *_] = await store.acquire("a:203.0.113.9", FOUR, 1)
+    [bucket, *_] = await store.acquire(["a:203.0.113.9"] * len(FOUR), FOUR, 1)
     assert bucket.allowed and 6 <= bucket.remaining <= 8
-    assert (await store.acquire("c:after", FOUR, 1))[0].remaining == 9
+    assert (await store.acquire(["c:after"] * len(FOUR), FOUR, 1))[0].remaining == 9
 
 
 async def test_redis_errors_become_storage_unavailable(make_store: StoreFactory, redis_server: RedisServer) -> None:
     store = make_store()
     redis_command(redis_server.port, "HSET", store.key("a:203.0.113.9", FOUR[0]), "x", "1")
     with pytest.raises(StorageUnavailable, match="WRONGTYPE"):
-        await store.acquire("a:203.0.113.9", FOUR, 1)
+        await store.acquire(["a:203.0.113.9"] * len(FOUR), FOUR, 1)
     redis_command(redis_server.port, "SCRIPT", "FLUSH")
-    assert (await store.acquire("c:other", FOUR, 1))[0].remaining == 9
+    assert (await store.acquire(["c:other"] * len(FOUR), FOUR, 1))[0].remaining == 9
 
 
 async def test_cluster_clients_on_every_node(redis_cluster: RedisCluster, fake_clock: FakeClock) -> None:
@@ -300,13 +300,13 @@ async def test_cluster_clients_on_every_node(redis_cluster: RedisCluster, fake_c
     try:
         for _ in range(3):
             for identity in identities:
-                got = await store.acquire(identity, limits, 1)
-                assert got == await memory.acquire(identity, limits, 1)
+                got = await store.acquire([identity] * len(limits), limits, 1)
+                assert got == await memory.acquire([identity] * len(limits), limits, 1)
         assert [o.allowed for o in got] == [True, False]
         for identity in identities:
-            assert await store.peek(identity, limits) == await memory.peek(identity, limits)
-            await store.reset(identity, limits)
-            assert await store.peek(identity, limits) == [Outcome(True, 3, 0.0), Outcome(True, 2, 0.0)]
+            assert await store.peek([identity] * len(limits), limits) == await memory.peek([identity] * len(limits), limits)
+            await store.reset([identity] * len(limits), limits)
+            assert await store.peek([identity] * len(limits), limits) == [Outcome(True, 3, 0.0), Outcome(True, 2, 0.0)]
         await store.ping()
     finally:
         await store.close()
@@ -317,7 +317,7 @@ async def test_cluster_clients_on_every_node(redis_cluster: RedisCluster, fake_c
 async def test_concurrent_requests_admit_exactly_capacity(make_store: StoreFactory) -> None:
     store = make_store()  # the server's clock (TIME): refill over the test is ~0.001 tokens
     bucket = [limit(TokenBucket(100, 0.001), "tb")]
-    outcomes = await asyncio.gather(*(store.acquire("k:busy", bucket, 1) for _ in range(300)))
+    outcomes = await asyncio.gather(*(store.acquire(["k:busy"] * len(bucket), bucket, 1) for _ in range(300)))
     allowed = [o for [o] in outcomes if o.allowed]
     assert len(allowed) == 100
     assert sorted(o.remaining for o in allowed) == list(range(100))
@@ -335,19 +335,19 @@ async def test_packed_decisions_never_cross_clients_costs_modes_or_tiers(
     tier = [limit(TokenBucket(10, 0.001), "tb")]
 
     async def remaining(identity: str, limits: list[Limit], cost: int = 1) -> int:
-        [outcome] = await store.acquire(identity, limits, cost)
+        [outcome] = await store.acquire([identity] * len(limits), limits, cost)
         return outcome.remaining
 
     assert [await remaining("k:a", tier) for _ in range(3)] == [9, 8, 7]
     assert await remaining("k:a", tier, cost=3) == 4
     assert await remaining("k:b", tier) == 9
-    assert [o.remaining for o in await store.peek("k:a", tier)] == [4]  # a peek charges nothing
+    assert [o.remaining for o in await store.peek(["k:a"] * len(tier), tier)] == [4]  # a peek charges nothing
     assert await remaining("k:a", tier) == 3
     assert len(store._commands) <= 3
     # A reload's new limits may get the id() of freed old ones: the bytes kept
     # under that id must not be sent for them.
     reloaded = [limit(TokenBucket(20, 0.001), "tb2")]
-    store._commands[("acquire", "k:a", id(reloaded), 1)] = (tier, store._evalsha("acquire", "k:a", tier, 1))
+    store._commands[("acquire", "k:a", id(reloaded), 1)] = (tier, store._evalsha("acquire", ["k:a"], tier, 1, ""))
     assert await remaining("k:a", reloaded) == 19
 
 
@@ -357,7 +357,7 @@ async def test_password_and_database_from_the_url(tmp_path) -> None:
         good = RedisStore.from_config(StorageConfig(
             backend="redis", url=f"redis://:s3cret@127.0.0.1:{server.port}/3", key_prefix=PREFIX, timeout=1.0))
         try:
-            [outcome] = await good.acquire("a:203.0.113.9", FOUR[:1], 2)
+            [outcome] = await good.acquire(["a:203.0.113.9"] * len(FOUR[:1]), FOUR[:1], 2)
             assert outcome.remaining == 8
             keys = redis_command(server.port, "KEYS", "*", password="s3cret", db=3)
             assert keys == [good.key("a:203.0.113.9", FOUR[0]).encode()]
@@ -368,7 +368,7 @@ async def test_password_and_database_from_the_url(tmp_path) -> None:
             backend="redis", url=f"redis://:wrong-pw@127.0.0.1:{server.port}/0", key_prefix=PREFIX, timeout=1.0))
         try:
             with pytest.raises(StorageUnavailable) as failure:
-                await bad.acquire("a:203.0.113.9", FOUR[:1], 1)
+                await bad.acquire(["a:203.0.113.9"] * len(FOUR[:1]), FOUR[:1], 1)
             assert "AUTH" in str(failure.value) and "wrong-pw" not in str(failure.value)
         finally:
             await bad.close()
@@ -390,13 +390,13 @@ async def _burst_during_the_handshake(server: RedisServer) -> None:
         # As after a reconnect: the script is cached, so nothing retries a command that went out too early.
         source = resources.files("proxy.limits").joinpath("lua/acquire.lua").read_text()
         redis_command(server.port, "SCRIPT", "LOAD", source, password="s3cret")
-        first = asyncio.ensure_future(store.acquire("a:198.51.100.0", FOUR[:1], 1))
+        first = asyncio.ensure_future(store.acquire(["a:198.51.100.0"] * len(FOUR[:1]), FOUR[:1], 1))
         for _ in range(10_000):  # loop turns, not time: until the TCP connection is up
             if pipe._transport is not None:
                 break
             await asyncio.sleep(0)
         assert pipe._transport is not None and not first.done()  # connected, AUTH not yet answered
-        burst = await asyncio.gather(*(store.acquire(f"a:198.51.100.{i}", FOUR[:1], 1) for i in range(1, 40)))
+        burst = await asyncio.gather(*(store.acquire([f"a:198.51.100.{i}"] * len(FOUR[:1]), FOUR[:1], 1) for i in range(1, 40)))
         assert all(o.allowed and o.remaining == 9 for [o] in [await first, *burst])
         assert redis_command(server.port, "DBSIZE", password="s3cret", db=2) == 40
         assert redis_command(server.port, "DBSIZE", password="s3cret", db=0) == 0
@@ -405,13 +405,13 @@ async def _burst_during_the_handshake(server: RedisServer) -> None:
 
 
 @pytest.mark.parametrize(("argv", "error"), [
-    (["acquire", "", "1", "zz", "1", "1"], "unknown algorithm zz"),
-    (["acquire", "", "1", "tb", "5", "1", "qq", "1", "1"], "unknown algorithm qq"),  # after a known one
-    (["charge", "", "1", "tb", "5", "1"], "unknown mode charge"),
+    (["acquire", "", "1", "", "zz", "1", "1", "0"], "unknown algorithm zz"),
+    (["acquire", "", "1", "", "tb", "5", "1", "0", "qq", "1", "1", "0"], "unknown algorithm qq"),  # after a known one
+    (["charge", "", "1", "", "tb", "5", "1", "0"], "unknown mode charge"),
 ])
 def test_the_script_names_what_it_cannot_run(redis_server: RedisServer, argv: list[str], error: str) -> None:
     source = resources.files("proxy.limits").joinpath("lua/acquire.lua").read_text()
-    keys = ["t:{x}:a", "t:{x}:b"][: (len(argv) - 3) // 3]
+    keys = ["t:{x}:a", "t:{x}:b"][: (len(argv) - 4) // 4]
     with pytest.raises(RedisReplyError, match=error):
         redis_command(redis_server.port, "EVAL", source, str(len(keys)), *keys, *argv)
     assert redis_command(redis_server.port, "EXISTS", *keys) == 0  # nothing written
@@ -421,4 +421,4 @@ def test_the_script_names_what_it_cannot_run(redis_server: RedisServer, argv: li
 def test_windows_reach_the_script_in_the_microseconds_the_memory_store_uses(window: float) -> None:
     """Both stores round a window the same way, ties included, so they agree on every instant."""
     for algorithm in (SlidingWindow(3, window), FixedWindow(3, window)):
-        assert int(script_args(algorithm)[2]) == algorithm._window_us == max(1, to_micros(window))
+        assert int(script_args(limit(algorithm, "w"))[2]) == algorithm._window_us == max(1, to_micros(window))

@@ -70,10 +70,11 @@ def build(tree: Any, path: str | None = None, *, errors: list[str] | None = None
         raise ConfigError(["the file must hold a mapping of sections, got " + show(tree)])
     sections = read_sections(ck, raw)
     require_key = sections["clients"].require_key
-    tiers = read_tiers(ck, raw.get("tiers"), require_key)
+    lease = sections["upstream"].timeout + 5  # a slot outlives its longest exchange, then a dead instance's ends
+    tiers = read_tiers(ck, raw.get("tiers"), require_key, lease=lease)
     known = raw.get("tiers") if isinstance(raw.get("tiers"), dict) else {"anonymous": None}
     api_keys = read_api_keys(ck, raw.get("api_keys"), tiers, known or {})
-    routes = read_routes(ck, raw.get("routes"), tiers)
+    routes = read_routes(ck, raw.get("routes"), tiers, lease=lease)
     base = Path(path).parent if path is not None else Path(".")  # key files are relative to the config file
     callers = read_callers(ck, raw.get("clients"), known or {}, base)
     if ck.errors:

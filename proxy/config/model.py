@@ -85,17 +85,52 @@ class ClientsConfig:
     jwt: JwtConfig | None = None
 
 
+def policy_item(limit: Limit) -> str:
+    return f'"{limit.name}";q={limit.algorithm.capacity};w={limit.algorithm.window}'
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LimitSet:
+    """The limits one request is decided on together (a tier's, then its
+    route's), with what the headers say of them built once, not per request.
+
+    `shown` indexes the limits the RateLimit headers list: the enforced
+    quotas. Shadow limits are not shown to clients, and concurrency limits
+    are no quota over time.
+    """
+
+    limits: tuple[Limit, ...]
+    shown: tuple[int, ...] = field(init=False)
+    policy_header: str = field(init=False)
+    capacity_texts: tuple[str, ...] = field(init=False)  # X-RateLimit-Limit of each shown limit
+    per_client: bool = field(init=False)  # every limit counts the client: subjects are its identity
+    shadow: bool = field(init=False)  # some limit is a shadow
+    concurrent: tuple[int, ...] = field(init=False)  # indexes of concurrency limits (slots to give back)
+    # proxy.ratelimit_headers' serialized header lines, by the state they show
+    header_lines: dict[Any, bytes] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        shown = tuple(i for i, limit in enumerate(self.limits) if not limit.shadow and not limit.concurrent)
+        set_ = object.__setattr__
+        set_(self, "shown", shown)
+        set_(self, "policy_header", ", ".join(policy_item(self.limits[i]) for i in shown))
+        set_(self, "capacity_texts", tuple(str(self.limits[i].algorithm.capacity) for i in shown))
+        set_(self, "per_client", all(limit.per == ("client",) for limit in self.limits))
+        set_(self, "shadow", any(limit.shadow for limit in self.limits))
+        set_(self, "concurrent", tuple(i for i, limit in enumerate(self.limits) if limit.concurrent))
+
+
 @dataclass(frozen=True, slots=True)
 class Tier:
-    """A tier's limits; the header texts that never change are built once here, not per request."""
+    """A tier's limits, and the LimitSet of a request on a route without limits of its own."""
 
     name: str
     limits: tuple[Limit, ...]
     unlimited: bool = False
-    policy_header: str = ""
-    capacity_texts: tuple[str, ...] = ()  # X-RateLimit-Limit of each limit
-    # proxy.ratelimit_headers' serialized header lines, by the state they show
-    header_lines: dict[Any, bytes] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    limit_set: LimitSet = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "limit_set", LimitSet(self.limits))
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,13 +159,29 @@ class Config:
     # an anonymous tier, no key is required and no proxy is trusted to name another.
     anonymous_by_peer: bool = field(init=False, repr=False, compare=False)
 
+    # The LimitSet of each (tier, route with limits of its own): tier's limits, then the route's.
+    route_sets: Mapping[tuple[str, int], LimitSet] = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "route_table", RouteTable(self.routes))
+        object.__setattr__(self, "route_sets", {
+            (tier.name, index): LimitSet(tier.limits + route.limits)
+            for index, route in enumerate(self.routes) if route.limits
+            for tier in self.tiers.values() if not tier.unlimited
+        })
         object.__setattr__(self, "anonymous_by_peer", "anonymous" in self.tiers
                            and not self.clients.require_key and not self.clients.trusted_proxies)
 
+    def limit_set(self, tier: Tier, route: Route) -> LimitSet:
+        """What a request of `tier` on `route` is decided on (not for unlimited tiers)."""
+        if not route.limits:
+            return tier.limit_set
+        return self.route_sets[tier.name, route.index]
+
     def all_limits(self) -> list[Limit]:
-        return [limit for tier in self.tiers.values() for limit in tier.limits]
+        """Every limit whose state the stores keep, tiers' and routes' alike."""
+        return ([limit for tier in self.tiers.values() for limit in tier.limits]
+                + [limit for route in self.routes for limit in (*route.limits, *route.messages)])
 
     def key_by_name(self, name: str) -> ApiKey | None:
         return next((k for k in self.api_keys.values() if k.name == name), None)

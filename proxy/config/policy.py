@@ -7,9 +7,11 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ..limits.algorithms import ALGORITHMS, Algorithm
+from ..limits.algorithms import ALGORITHMS, Algorithm, Concurrency
 from ..limits.store import Limit
 from ..routes import Route
+from ..selectors import CLIENT
+from ..selectors import parse as parse_selectors
 from .checks import CONTROL_RE, MISSING, Checker, show
 from .model import ApiKey, Tier
 from .sections import HEADER_NAME_RE
@@ -29,21 +31,48 @@ PARAM_MAX: Final = 1e9  # capacities, rates and windows beyond this are typos, a
 PARAM_MIN_FRACTION: Final = 1e-6
 
 
-def _limit(ck: Checker, path: str, raw: Any, tier: str, taken: set[str]) -> Limit | None:
+LIMIT_OPTIONS: Final = ("name", "algorithm", "per", "shadow")
+MESSAGE_ALGORITHMS: Final = ("token_bucket", "sliding_window", "fixed_window")
+
+
+def _limit(ck: Checker, path: str, raw: Any, owner: str, taken: set[str], *, lease: float,
+           algorithms: tuple[str, ...] = tuple(ALGORITHMS), what: str = "this tier") -> Limit | None:
+    """One limit: its algorithm's parameters, plus `name`, `per`, `shadow` and
+    (concurrency) `lease`; its state key under `owner`."""
     spec = ck.mapping(path, raw, None)
     if not spec:
         if raw is None or raw == {}:
             ck.error(path, "must be a mapping with an algorithm and its parameters", raw)
         return None
     algo_name = spec.get("algorithm", "token_bucket")
-    cls = ALGORITHMS.get(algo_name) if isinstance(algo_name, str) else None
+    cls = ALGORITHMS.get(algo_name) if isinstance(algo_name, str) and algo_name in algorithms else None
     if cls is None:
-        ck.error(f"{path}.algorithm", "must be one of " + ", ".join(ALGORITHMS), algo_name)
+        ck.error(f"{path}.algorithm", "must be one of " + ", ".join(algorithms), algo_name)
         return None
+    known = (*LIMIT_OPTIONS, *cls.PARAMS, *(("lease",) if cls is Concurrency else ()))
     for key in spec:
-        if key not in ("name", "algorithm", *cls.PARAMS):
-            ck.error(f"{path}.{key}", f"unknown key for {cls.name} (known: "
-                     + ", ".join(("name", "algorithm", *cls.PARAMS)) + ")")
+        if key not in known:
+            ck.error(f"{path}.{key}", f"unknown key for {cls.name} (known: " + ", ".join(known) + ")")
+    params = _params(ck, path, spec, cls)
+    name = _limit_name(ck, path, spec.get("name"), cls.name, taken, what)
+    per, why = parse_selectors(spec.get("per", "client"))
+    if why is not None:
+        ck.error(f"{path}.per", why, spec.get("per"))
+    shadow = ck.boolean(f"{path}.shadow", spec.get("shadow", False), False)
+    if "lease" in spec:
+        lease = ck.number(f"{path}.lease", spec["lease"], lease)
+    if params is None or name is None or per is None:
+        return None
+    algorithm: Algorithm = cls(**params)
+    identity: tuple[Any, ...] = (cls.short, algorithm.params())
+    if per != CLIENT:  # the default keeps the key it had before `per` existed, and so every state
+        identity = (*identity, per)
+    digest = hashlib.sha256(repr(identity).encode()).hexdigest()[:8]
+    return Limit(name=name, algorithm=algorithm, key=f"{owner}.{name}.{cls.short}{digest}", per=per,
+                 shadow=shadow, lease=lease if cls is Concurrency else None)
+
+
+def _params(ck: Checker, path: str, spec: Mapping[str, Any], cls: type[Algorithm]) -> dict[str, Any] | None:
     params: dict[str, Any] = {}
     ok = True
     for pname, param in cls.PARAMS.items():
@@ -58,31 +87,26 @@ def _limit(ck: Checker, path: str, raw: Any, tier: str, taken: set[str]) -> Limi
             ck.error(f"{path}.{pname}", f"must be between {PARAM_MIN_FRACTION:g} and {PARAM_MAX:g}", value)
         params[pname] = value
         ok = ok and len(ck.errors) == before
-    name = spec.get("name")
+    return params if ok else None
+
+
+def _limit_name(ck: Checker, path: str, name: Any, default: str, taken: set[str], what: str) -> str | None:
     if name is None:
-        name = cls.name
-        n = 2
+        name, n = default, 2
         while name in taken:
-            name, n = f"{cls.name}-{n}", n + 1
+            name, n = f"{default}-{n}", n + 1
     elif not isinstance(name, str) or not NAME_RE.match(name):
         ck.error(f"{path}.name", "must match [A-Za-z0-9_-]+", name)
         return None
     elif name in taken:
-        ck.error(f"{path}.name", "is already used by another limit of this tier", name)
+        ck.error(f"{path}.name", f"is already used by another limit of {what}", name)
         return None
     taken.add(name)
-    if not ok:
-        return None
-    algorithm: Algorithm = cls(**params)
-    digest = hashlib.sha256(repr((cls.short, algorithm.params())).encode()).hexdigest()[:8]
-    return Limit(name=name, algorithm=algorithm, key=f"{tier}.{name}.{cls.short}{digest}")
+    return str(name)
 
 
-def policy_item(limit: Limit) -> str:
-    return f'"{limit.name}";q={limit.algorithm.capacity};w={limit.algorithm.window}'
-
-
-def read_tiers(ck: Checker, raw: Any, require_key: bool) -> dict[str, Tier]:
+def read_tiers(ck: Checker, raw: Any, require_key: bool, *, lease: float) -> dict[str, Tier]:
+    """The tiers; `lease` is a concurrency slot's default lease (upstream.timeout + 5)."""
     specs = ck.mapping("tiers", raw, None)
     if raw is None:
         specs = {"anonymous": DEFAULT_TIER}
@@ -104,12 +128,10 @@ def read_tiers(ck: Checker, raw: Any, require_key: bool) -> dict[str, Tier]:
         limits: list[Limit] = []
         taken: set[str] = set()
         for i, item in enumerate(raw_limits or []):
-            limit = _limit(ck, f"{path}.limits[{i}]", item, name, taken)
+            limit = _limit(ck, f"{path}.limits[{i}]", item, name, taken, lease=lease)
             if limit is not None:
                 limits.append(limit)
-        header = ", ".join(policy_item(limit) for limit in limits)
-        tiers[name] = Tier(name=name, limits=tuple(limits), unlimited=unlimited, policy_header=header,
-                           capacity_texts=tuple(str(limit.algorithm.capacity) for limit in limits))
+        tiers[name] = Tier(name=name, limits=tuple(limits), unlimited=unlimited)
     if "anonymous" not in specs and not require_key:
         ck.error("tiers.anonymous", "is required unless clients.require_key is true")
     return tiers
@@ -160,7 +182,7 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def read_routes(ck: Checker, raw: Any, tiers: Mapping[str, Tier]) -> tuple[Route, ...]:
+def read_routes(ck: Checker, raw: Any, tiers: Mapping[str, Tier], *, lease: float) -> tuple[Route, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
@@ -169,29 +191,70 @@ def read_routes(ck: Checker, raw: Any, tiers: Mapping[str, Tier]) -> tuple[Route
     routes = []
     for i, spec in enumerate(raw):
         path = f"routes[{i}]"
-        body = ck.mapping(path, spec, {"path": None, "methods": None, "exempt": None, "cost": None})
+        body = ck.mapping(path, spec, dict.fromkeys(("path", "methods", "exempt", "cost", "limits", "messages")))
         prefix = body.get("path")
         if not isinstance(prefix, str) or not prefix.startswith("/"):
             ck.error(f"{path}.path", "is required: a path prefix starting with /",
                      prefix if "path" in body else MISSING)
             continue
-        methods = body.get("methods")
-        if methods is not None:
-            if not isinstance(methods, list) or not methods or not all(
-                isinstance(m, str) and HEADER_NAME_RE.match(m) for m in methods
-            ):
-                ck.error(f"{path}.methods", "must be a non-empty list of HTTP methods", methods)
-                methods = None
-            else:
-                methods = frozenset(m.upper() for m in methods)
+        methods = _methods(ck, f"{path}.methods", body.get("methods"))
         exempt = ck.boolean(f"{path}.exempt", body.get("exempt", False), False)
         cost = ck.number(f"{path}.cost", body.get("cost", 1), 1, minimum=1, exclusive=False, integer=True)
+        owner = "route-" + hashlib.sha256(repr((prefix, sorted(methods or ()))).encode()).hexdigest()[:8]
+        limits = _route_limits(ck, f"{path}.limits", body.get("limits"), owner, tiers, exempt=exempt, lease=lease)
+        messages = _route_limits(ck, f"{path}.messages", body.get("messages"), owner + "-ws", {},
+                                 exempt=exempt, lease=lease, algorithms=MESSAGE_ALGORITHMS)
         if "cost" in body and cost > 1:
-            for tier in tiers.values():
-                for limit in tier.limits:
-                    if cost > limit.algorithm.capacity:
-                        ck.error(f"{path}.cost", f"exceeds the capacity {limit.algorithm.capacity} of "
-                                 f"tiers.{tier.name} limit {show(limit.name)}: such requests could never pass",
-                                 cost)
-        routes.append(Route(path=prefix, methods=methods, exempt=exempt, cost=cost))
+            _check_cost(ck, f"{path}.cost", cost, tiers, limits)
+        routes.append(Route(path=prefix, methods=methods, exempt=exempt, cost=cost, limits=limits,
+                            messages=messages, index=i))
     return tuple(routes)
+
+
+def _methods(ck: Checker, path: str, methods: Any) -> frozenset[str] | None:
+    if methods is None:
+        return None
+    if not isinstance(methods, list) or not methods or not all(
+        isinstance(m, str) and HEADER_NAME_RE.match(m) for m in methods
+    ):
+        ck.error(path, "must be a non-empty list of HTTP methods", methods)
+        return None
+    return frozenset(m.upper() for m in methods)
+
+
+def _route_limits(ck: Checker, path: str, raw: Any, owner: str, tiers: Mapping[str, Tier], *,
+                  exempt: bool, lease: float, algorithms: tuple[str, ...] = tuple(ALGORITHMS)) -> tuple[Limit, ...]:
+    """A route's limits (or its WebSocket message limits). Their names may not
+    repeat a tier's: one request's RateLimit header names each limit once."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        ck.error(path, "must be a non-empty list of limits", raw)
+        return ()
+    if exempt:
+        ck.error(path, "an exempt route is never limited")
+        return ()
+    tier_names = {limit.name: tier.name for tier in tiers.values() for limit in tier.limits}
+    taken: set[str] = set()
+    limits = []
+    for i, item in enumerate(raw):
+        limit = _limit(ck, f"{path}[{i}]", item, owner, taken, lease=lease, algorithms=algorithms,
+                       what="this route")
+        if limit is None:
+            continue
+        if limit.name in tier_names:
+            ck.error(f"{path}[{i}].name", f"is already the name of a limit of tiers.{tier_names[limit.name]}; "
+                     "name the route's limit apart", limit.name)
+            continue
+        limits.append(limit)
+    return tuple(limits)
+
+
+def _check_cost(ck: Checker, path: str, cost: int, tiers: Mapping[str, Tier], limits: tuple[Limit, ...]) -> None:
+    """A cost no limit could ever grant is a typo, not a policy."""
+    owned = [(f"tiers.{tier.name}", limit) for tier in tiers.values() for limit in tier.limits]
+    owned += [("this route", limit) for limit in limits]
+    for owner, limit in owned:
+        if not limit.concurrent and cost > limit.algorithm.capacity:
+            ck.error(path, f"exceeds the capacity {limit.algorithm.capacity} of "
+                     f"{owner} limit {show(limit.name)}: such requests could never pass", cost)

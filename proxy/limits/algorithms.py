@@ -311,28 +311,77 @@ class LeakyBucket(Algorithm):
         return self._backlog(state, now) / self.rate
 
 
+class Concurrency(Algorithm):
+    """At most `max` requests in flight at once: a slot is taken when a request
+    is allowed and given back (`release`) when its exchange ends.
+
+    State: the number of slots held. Not a quota over time, so it has no
+    window and is never shown in the RateLimit headers; a refusal asks the
+    client to come back in a second.
+    """
+
+    name = "concurrency"
+    short = "cc"
+    PARAMS = {"max": COUNT}
+
+    def __init__(self, max: int) -> None:
+        self.max = max
+
+    @property
+    def capacity(self) -> int:
+        return self.max
+
+    @property
+    def window(self) -> int:
+        return 1
+
+    def check(self, state: State, now: int, cost: int) -> tuple[Outcome, State]:
+        held = state or 0
+        if held < self.max:  # one slot per request, whatever its cost
+            return Outcome(True, self.max - held - 1, 0.0), held + 1
+        return Outcome(False, 0, 0.0, 1.0), state
+
+    def peek(self, state: State, now: int) -> Outcome:
+        held = state or 0
+        return Outcome(held < self.max, self.max - held, 0.0)
+
+    def ttl(self, state: State, now: int) -> float:
+        return math.inf if state else 0.0  # a held slot lives until released
+
+    @staticmethod
+    def release(state: State) -> State:
+        """The state after one slot is given back (None: none held)."""
+        return state - 1 if state and state > 1 else None
+
+
 ALGORITHMS: Final[Mapping[str, type[Algorithm]]] = {
-    cls.name: cls for cls in (TokenBucket, SlidingWindow, FixedWindow, LeakyBucket)
+    cls.name: cls for cls in (TokenBucket, SlidingWindow, FixedWindow, LeakyBucket, Concurrency)
 }
 
 def check_all(
-    algorithms: Sequence[Algorithm], states: Sequence[State], now: int, cost: int
+    algorithms: Sequence[Algorithm], states: Sequence[State], now: int, cost: int,
+    shadow: Sequence[bool] = (),
 ) -> tuple[list[Outcome], list[State] | None]:
-    """All-or-nothing over a tier's limits: new states only if every limit allows.
+    """All-or-nothing over a request's limits: new states only if every
+    enforced limit allows.
 
     A refused request charges nothing anywhere, so a client hammering a
-    `daily` limit cannot drain its `burst` limit and vice versa.
+    `daily` limit cannot drain its `burst` limit and vice versa. A shadow
+    limit (`shadow[i]` true) never refuses: it is charged, as if enforced,
+    when the request passes and it allows; when it would refuse it keeps its
+    state and its outcome says so, for the operator to count.
     """
     outcomes: list[Outcome] = []
     new_states: list[State] = []
     allowed = True
-    for algorithm, state in zip(algorithms, states):
+    for i, (algorithm, state) in enumerate(zip(algorithms, states)):
         outcome, new_state = algorithm.check(state, now, cost)
         outcomes.append(outcome)
         new_states.append(new_state)
-        allowed = allowed and outcome.allowed
+        if not outcome.allowed and not (shadow and shadow[i]):
+            allowed = False
     if allowed:
-        return outcomes, new_states
+        return outcomes, new_states  # a refusing shadow limit's new_state is its old one
     # Nothing is charged: the limits that would have allowed report as they stand.
     uncharged = [
         o if not o.allowed else a.peek(s, now)._replace(allowed=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from .algorithms import US, Outcome, State, check_all, to_micros
+from .algorithms import US, Concurrency, Outcome, State, check_all, to_micros
 from .store import Clock, Limit, Store, wall_clock
 
 SWEEP_CHUNK = 5_000  # entries examined between yields to the event loop
@@ -30,42 +30,62 @@ class MemoryStore(Store):
             table = self._tables[limit.key] = {}
         return table
 
-    def acquire_now(self, identity: str, limits: Sequence[Limit], cost: int) -> list[Outcome]:
+    def acquire_now(self, subjects: Sequence[str], limits: Sequence[Limit], cost: int) -> list[Outcome]:
         """`acquire` without the coroutine, for callers already on the loop."""
         # to_micros, inlined: the call was 0.3-0.5k of the limiter's 21.8k instructions (bench/instructions.py)
         now = int(self._clock() * US + 0.5)
         tables = self._tables
-        if len(limits) == 1:  # the common tier; check_all over one limit is exactly this
-            limit = limits[0]
+        if len(limits) == 1 and not limits[0].shadow:  # the common tier; check_all over one limit is exactly this
+            limit, subject = limits[0], subjects[0]
             table = tables.get(limit.key) or self._table(limit)
-            outcome, state = limit.algorithm.check(table.get(identity), now, cost)
+            outcome, state = limit.algorithm.check(table.get(subject), now, cost)
             if outcome.allowed:
-                table[identity] = state
+                table[subject] = state
             return [outcome]
         states = []
-        for limit in limits:
+        for limit, subject in zip(limits, subjects):
             found = tables.get(limit.key)
-            states.append(None if found is None else found.get(identity))
-        outcomes, new_states = check_all([limit.algorithm for limit in limits], states, now, cost)
+            states.append(None if found is None else found.get(subject))
+        outcomes, new_states = check_all([limit.algorithm for limit in limits], states, now, cost,
+                                         [limit.shadow for limit in limits])
         if new_states is not None:
-            for limit, state in zip(limits, new_states):
-                self._table(limit)[identity] = state
+            for limit, subject, state in zip(limits, subjects, new_states):
+                if state is not None:
+                    self._table(limit)[subject] = state
         return outcomes
 
-    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int,
-                      timeout: float | None = None) -> list[Outcome]:
-        return self.acquire_now(identity, limits, cost)
+    async def acquire(self, subjects: Sequence[str], limits: Sequence[Limit], cost: int,
+                      timeout: float | None = None, ticket: str = "") -> list[Outcome]:
+        return self.acquire_now(subjects, limits, cost)
 
-    async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:
+    async def peek(self, subjects: Sequence[str], limits: Sequence[Limit]) -> list[Outcome]:
         now = to_micros(self._clock())
         return [
-            limit.algorithm.peek(self._tables.get(limit.key, {}).get(identity), now)
-            for limit in limits
+            limit.algorithm.peek(self._tables.get(limit.key, {}).get(subject), now)
+            for limit, subject in zip(limits, subjects)
         ]
 
-    async def reset(self, identity: str, limits: Sequence[Limit]) -> None:
-        for limit in limits:
-            self._tables.get(limit.key, {}).pop(identity, None)
+    async def reset(self, subjects: Sequence[str], limits: Sequence[Limit]) -> None:
+        for limit, subject in zip(limits, subjects):
+            self._tables.get(limit.key, {}).pop(subject, None)
+
+    def release_now(self, subjects: Sequence[str], limits: Sequence[Limit]) -> None:
+        """Give back one slot of each concurrency limit (no ticket: a slot is a count here)."""
+        for limit, subject in zip(limits, subjects):
+            table = self._tables.get(limit.key)
+            if table is not None and limit.concurrent:
+                left = Concurrency.release(table.get(subject))
+                if left is None:
+                    table.pop(subject, None)
+                else:
+                    table[subject] = left
+
+    async def release(self, subjects: Sequence[str], limits: Sequence[Limit], ticket: str) -> None:
+        self.release_now(subjects, limits)
+
+    def in_flight(self, limit: Limit) -> int:
+        """Slots held now in a concurrency limit, over all its subjects."""
+        return sum(self._tables.get(limit.key, {}).values())
 
     def clients(self) -> int:
         """How many (client, limit) states are held: what memory follows."""

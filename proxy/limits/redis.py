@@ -6,11 +6,15 @@ writes only if every limit allows: atomic without WATCH/MULTI round trips. The
 script reads the Redis server's clock (`TIME`), so instances with skewed
 clocks still agree; tests inject a clock instead and get exact answers.
 
-Keys are `{prefix}{<16 hex of sha256(identity)>}:<limit key>`. The raw
-identity (it may hold an API key's digest or an address) never appears in
-Redis, and the hash tag puts all of one client's limits in one Cluster slot,
-which a multi-key script requires. Every key expires when its state is fresh
-again, so Redis memory follows recently active clients.
+Keys are `{prefix}{<16 hex of sha256(subject)>}:<limit key>`. The raw
+subject (a client's identity, or proxy.selectors' hash of other values)
+never appears in Redis, and the hash tag puts all the limits of one subject
+in one Cluster slot, which a multi-key script requires. Every key expires
+when its state is fresh again, so Redis memory follows recent traffic.
+
+A decision over subjects in several Cluster slots (a `per: global` route
+limit beside a client's tier limits) cannot be one script there: see
+`_decide_cluster`.
 
 This module only stores: any Redis failure becomes `StorageUnavailable`, and
 `proxy.limiter` decides what a request gets then (`storage.on_error`) and
@@ -38,7 +42,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from ..bounded import keep
 from ..config import StorageConfig, mask_url
 from .algorithms import (
-    Algorithm,
+    Concurrency,
     FixedWindow,
     LeakyBucket,
     Outcome,
@@ -63,6 +67,7 @@ REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
 RedisClient = Redis | RedisCluster
 WARM_CONNECTIONS: Final = 16
 MAX_COMMANDS: Final = 4096  # packed decisions kept, about 0.5 kB each
+DEFAULT_LEASE: Final = 35.0  # seconds; config sets each concurrency limit's (upstream.timeout + 5)
 T = TypeVar("T")
 
 
@@ -85,7 +90,7 @@ class RedisStore(Store):
         self._pipe = None if isinstance(client, RedisCluster) else RedisPipe(
             url, connect_timeout=timeout or 1.0, describe=mask_url(url))
         self._limit_args: dict[int, tuple[Sequence[Limit], list[str]]] = {}
-        self._commands: dict[tuple[str, str, int, int], tuple[Sequence[Limit], bytes]] = {}
+        self._commands: dict[tuple[Any, ...], tuple[Sequence[Limit], bytes]] = {}
 
     @classmethod
     def from_config(cls, storage: StorageConfig, *, clock: Clock | None = None) -> RedisStore:
@@ -109,22 +114,34 @@ class RedisStore(Store):
         return cls(client, url=storage.url, key_prefix=storage.key_prefix, clock=clock,
                    timeout=storage.timeout)
 
-    def key(self, identity: str, limit: Limit) -> str:
-        """The Redis key of `identity`'s state in `limit`."""
-        return f"{self._prefix}{{{_digest(identity)}}}:{limit.key}"
+    def key(self, subject: str, limit: Limit) -> str:
+        """The Redis key of `subject`'s state in `limit`."""
+        return f"{self._prefix}{{{_digest(subject)}}}:{limit.key}"
 
-    def acquire(self, identity: str, limits: Sequence[Limit], cost: int,
-                timeout: float | None = None) -> Coroutine[Any, Any, list[Outcome]]:
+    def acquire(self, subjects: Sequence[str], limits: Sequence[Limit], cost: int,
+                timeout: float | None = None, ticket: str = "") -> Coroutine[Any, Any, list[Outcome]]:
         """Store.acquire; `_decide`'s coroutine itself, not one more wrapped around it."""
-        return self._decide("acquire", identity, limits, cost, timeout)
+        return self._decide("acquire", subjects, limits, cost, timeout, ticket)
 
-    async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:
-        return await self._decide("peek", identity, limits, 0, None)
+    async def peek(self, subjects: Sequence[str], limits: Sequence[Limit]) -> list[Outcome]:
+        return await self._decide("peek", subjects, limits, 0, None, "")
 
-    async def reset(self, identity: str, limits: Sequence[Limit]) -> None:
+    async def reset(self, subjects: Sequence[str], limits: Sequence[Limit]) -> None:
         if limits:
-            keys = [self.key(identity, limit) for limit in limits]
+            keys = [self.key(subject, limit) for subject, limit in zip(subjects, limits)]
             await self._call(lambda: self._client.delete(*keys))
+
+    async def release(self, subjects: Sequence[str], limits: Sequence[Limit], ticket: str) -> None:
+        await self._slots("release", subjects, limits, ticket)
+
+    async def renew(self, subjects: Sequence[str], limits: Sequence[Limit], ticket: str) -> None:
+        await self._slots("renew", subjects, limits, ticket)
+
+    async def _slots(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit], ticket: str) -> None:
+        """Concurrency slots only: each key on its own, so a Cluster needs no common slot."""
+        for subject, limit in zip(subjects, limits):
+            if limit.concurrent:
+                await self._decide(mode, (subject,), (limit,), 0, None, ticket)
 
     async def ping(self) -> None:
         await self._call(self._client.ping)
@@ -154,20 +171,17 @@ class RedisStore(Store):
             self._pipe.close()
         await self._client.aclose()
 
-    async def _decide(self, mode: str, identity: str, limits: Sequence[Limit], cost: int,
-                      timeout: float | None) -> list[Outcome]:
+    async def _decide(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit], cost: int,
+                      timeout: float | None, ticket: str) -> list[Outcome]:
         if not limits:
             return []
         if timeout is None:
             timeout = self._timeout
         if self._pipe is None:
-            keys, args = self._keys_and_args(mode, identity, limits, cost)
-            async with asyncio.timeout(timeout):
-                reply = await self._call(lambda: self._script(keys=keys, args=args))
-            return parse_reply(reply)
+            return await self._decide_cluster(mode, subjects, limits, cost, timeout, ticket)
         # The hot path: straight to the pipe, no coroutine in between.
         pipe = self._pipe
-        command = self._evalsha(mode, identity, limits, cost)
+        command = self._evalsha(mode, subjects, limits, cost, ticket)
         try:
             reply = await pipe.send(command, timeout=timeout)
             if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
@@ -181,17 +195,29 @@ class RedisStore(Store):
             raise StorageUnavailable(self._describe(reply))
         return parse_reply(reply)
 
-    def _keys_and_args(self, mode: str, identity: str, limits: Sequence[Limit],
-                       cost: int) -> tuple[list[str], list[str]]:
+    async def _decide_cluster(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit], cost: int,
+                              timeout: float | None, ticket: str) -> list[Outcome]:
+        """A Cluster decision. Keys of one subject share a slot; a decision
+        over several subjects whose slots differ cannot be one script, so it
+        is refused rather than made inexact (config validation keeps such
+        limit sets off a Cluster: see proxy.config's storage checks)."""
+        keys, args = self._keys_and_args(mode, subjects, limits, cost, ticket)
+        async with asyncio.timeout(timeout):
+            reply = await self._call(lambda: self._script(keys=keys, args=args))
+        return parse_reply(reply)
+
+    def _keys_and_args(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit],
+                       cost: int, ticket: str) -> tuple[list[str], list[str]]:
         """acquire.lua's KEYS and ARGV for one decision."""
         now = "" if self._clock is None else str(to_micros(self._clock()))
         if len(limits) == 1:  # the common tier, without a comprehension (a call in Python 3.11)
-            keys = [self.key(identity, limits[0])]
+            keys = [self.key(subjects[0], limits[0])]
         else:
-            keys = [self.key(identity, limit) for limit in limits]
-        return keys, [mode, now, str(cost), *self._args_of(limits)]
+            keys = [self.key(subject, limit) for subject, limit in zip(subjects, limits)]
+        return keys, [mode, now, str(cost), ticket, *self._args_of(limits)]
 
-    def _evalsha(self, mode: str, identity: str, limits: Sequence[Limit], cost: int) -> bytes:
+    def _evalsha(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit], cost: int,
+                 ticket: str) -> bytes:
         """The decision's EVALSHA, packed for the pipe.
 
         Where Redis reads its own clock (no `clock` given) nothing in it changes
@@ -200,16 +226,17 @@ class RedisStore(Store):
         arguments and the bytes was 20k of a request's 360k instructions
         (bench/instructions.py).
         """
-        if self._clock is not None:  # the time is an argument: new bytes every call
-            return self._pack(mode, identity, limits, cost)
-        slot = (mode, identity, id(limits), cost)
+        if self._clock is not None or ticket:  # the time or the ticket is an argument: new bytes every call
+            return self._pack(mode, subjects, limits, cost, ticket)
+        slot = (mode, subjects[0] if len(subjects) == 1 else tuple(subjects), id(limits), cost)
         cached = self._commands.get(slot)
         if cached is None or cached[0] is not limits:  # id() reused after a reload: not ours
-            cached = keep(self._commands, slot, (limits, self._pack(mode, identity, limits, cost)), MAX_COMMANDS)
+            cached = keep(self._commands, slot, (limits, self._pack(mode, subjects, limits, cost, ticket)),
+                          MAX_COMMANDS)
         return cached[1]
 
-    def _pack(self, mode: str, identity: str, limits: Sequence[Limit], cost: int) -> bytes:
-        keys, args = self._keys_and_args(mode, identity, limits, cost)
+    def _pack(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit], cost: int, ticket: str) -> bytes:
+        keys, args = self._keys_and_args(mode, subjects, limits, cost, ticket)
         command: tuple[Any, ...] = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
         packed: bytes = hiredis.pack_command(command)
         return packed
@@ -218,7 +245,7 @@ class RedisStore(Store):
         """The script's per-limit arguments, built once per tier's limits."""
         cached = self._limit_args.get(id(limits))
         if cached is None or cached[0] is not limits:
-            args = [arg for limit in limits for arg in script_args(limit.algorithm)]
+            args = [arg for limit in limits for arg in (*script_args(limit), "1" if limit.shadow else "0")]
             cached = keep(self._limit_args, id(limits), (limits, args), 1024)  # 1024 tiers' worth of reloads
         return cached[1]
 
@@ -248,14 +275,17 @@ def _digest(identity: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:HASH_CHARS]
 
 
-def script_args(algorithm: Algorithm) -> tuple[str, str, str]:
+def script_args(limit: Limit) -> tuple[str, str, str]:
     """The algorithm's code and its two parameters as acquire.lua reads them.
 
-    Windows go in as integer microseconds computed exactly as algorithms.py
-    does (`to_micros`), so the script never rounds anything itself.
+    Windows and leases go in as integer microseconds computed exactly as
+    algorithms.py does (`to_micros`), so the script never rounds anything itself.
     """
+    algorithm = limit.algorithm
     params: tuple[float, float]
-    if isinstance(algorithm, TokenBucket):
+    if isinstance(algorithm, Concurrency):
+        params = (algorithm.max, max(1, to_micros(limit.lease or DEFAULT_LEASE)))
+    elif isinstance(algorithm, TokenBucket):
         params = (algorithm.capacity, algorithm.refill_rate)
     elif isinstance(algorithm, (SlidingWindow, FixedWindow)):
         params = (algorithm.limit, max(1, to_micros(algorithm.window_seconds)))

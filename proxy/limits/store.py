@@ -24,14 +24,23 @@ wall_clock: Clock = time.time  # the real clock (the default); tests inject a fa
 class Limit:
     """A configured limit: its public name, its arithmetic and its state key.
 
-    `key` derives from the tier, name, algorithm and parameters, so a reload
-    that leaves a limit unchanged keeps every client's state and a changed
-    limit starts fresh.
+    `key` derives from the owner (tier or route), name, algorithm, parameters
+    and `per`, so a reload that leaves a limit unchanged keeps every state
+    and a changed limit starts fresh. What the limit counts (`per`) is a
+    tuple of selectors, `("client",)` by default (proxy.selectors); the
+    store sees only each request's subject, already hashed where needed.
     """
 
     name: str
     algorithm: Algorithm
     key: str
+    per: tuple[str, ...] = ("client",)
+    shadow: bool = False  # evaluated and charged, never refuses (counted instead)
+    lease: float | None = None  # concurrency with Redis: seconds a slot outlives a dead instance
+
+    @property
+    def concurrent(self) -> bool:
+        return self.algorithm.short == "cc"
 
 
 class StorageUnavailable(Exception):
@@ -44,22 +53,31 @@ class Store(ABC):
     backend: ClassVar[str]
 
     @abstractmethod
-    async def acquire(self, identity: str, limits: Sequence[Limit], cost: int,
-                      timeout: float | None = None) -> list[Outcome]:
-        """Check every limit and charge them all only if all allow.
+    async def acquire(self, subjects: Sequence[str], limits: Sequence[Limit], cost: int,
+                      timeout: float | None = None, ticket: str = "") -> list[Outcome]:
+        """Check every limit (limit i counts `subjects[i]`) and charge them all
+        only if every enforced one allows (shadow limits never refuse).
 
         Answers or raises (StorageUnavailable, TimeoutError) within `timeout`
         seconds: the store bounds its own wait, which it can do for a whole
-        pipeline with one timer instead of a timer per decision.
+        pipeline with one timer instead of a timer per decision. `ticket`
+        names this request's concurrency slots, for `release` and `renew`.
         """
 
     @abstractmethod
-    async def peek(self, identity: str, limits: Sequence[Limit]) -> list[Outcome]:
-        """Each limit's state for `identity`, charging nothing."""
+    async def peek(self, subjects: Sequence[str], limits: Sequence[Limit]) -> list[Outcome]:
+        """Each limit's state for its subject, charging nothing."""
 
     @abstractmethod
-    async def reset(self, identity: str, limits: Sequence[Limit]) -> None:
-        """Forget `identity`'s state in these limits: it starts full."""
+    async def reset(self, subjects: Sequence[str], limits: Sequence[Limit]) -> None:
+        """Forget these subjects' state in these limits: they start full."""
+
+    @abstractmethod
+    async def release(self, subjects: Sequence[str], limits: Sequence[Limit], ticket: str) -> None:
+        """Give back the concurrency slots `acquire` took for `ticket`."""
+
+    async def renew(self, subjects: Sequence[str], limits: Sequence[Limit], ticket: str) -> None:
+        """Keep `ticket`'s slots alive for another lease (stores with leases)."""
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless the store answers (health checks)."""

@@ -6,20 +6,26 @@
 -- memory store give identical answers at identical instants. Keep the two in
 -- step: tests/test_redis_store.py runs both on random sequences and compares.
 --
--- KEYS[i]  the state of limit i for one client (all in one hash-tag slot)
--- ARGV[1]  "acquire" (check, and charge only if every limit allows) or "peek"
+-- KEYS[i]  the state of limit i for its subject
+-- ARGV[1]  "acquire" (check, and charge only if every enforced limit allows),
+--          "peek", or for concurrency slots "release" and "renew"
 -- ARGV[2]  now in integer microseconds, or "" for the server clock (TIME)
 -- ARGV[3]  cost (ignored by peek)
--- ARGV[4 + 3(i-1) ..]  limit i: algorithm short code, then its two parameters
+-- ARGV[4]  the request's ticket: the member naming its concurrency slots
+-- ARGV[5 + 4(i-1) ..]  limit i: algorithm short code, its two parameters, and
+--   "1" for a shadow limit (never refuses; charged only when it allows), else "0"
 --   tb: capacity, refill_rate   sw: limit, window_us
 --   fw: limit, window_us        lb: rate, queue
+--   cc: max, lease_us
 -- Returns 9 integers per limit: allowed (1/0), then remaining, reset,
 -- retry_after and delay, each as two integers m, e with the number = m * 2^e
 -- exactly (see `put_exact`).
 --
 -- State is a plain string per key, written only when the request is allowed,
 -- with PX = the algorithm's ttl (time until fresh again), so a key vanishes
--- exactly when keeping it would no longer change any answer.
+-- exactly when keeping it would no longer change any answer. A concurrency
+-- limit's state is a sorted set of tickets scored by when their lease ends:
+-- a slot whose instance died is dropped once its lease is over.
 
 -- Effects replication: lets TIME precede writes on Redis 3.2-4 (a no-op on >= 5).
 if redis.replicate_commands then
@@ -313,16 +319,48 @@ local function load_lb()
   return LB
 end
 
+-- Concurrency: a sorted set of (ticket, lease end) ----------------------------------
+
+local function load_cc()
+  local CC = {}
+
+  function CC.params(p1, p2)
+    return {max = p1, lease_us = p2}
+  end
+
+  function CC.read(key, now)
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    return redis.call('ZCARD', key)
+  end
+
+  function CC.check(a, held, now, cost)
+    if held < a.max then
+      return outcome(true, a.max - held - 1, 0.0), held + 1
+    end
+    return outcome(false, 0, 0.0, 1.0), held
+  end
+
+  function CC.peek(a, held, now)
+    return outcome(held < a.max, a.max - held, 0.0)
+  end
+
+  function CC.write(key, a, held, now, ticket)
+    redis.call('ZADD', key, now + a.lease_us, ticket)
+    redis.call('PEXPIRE', key, math.ceil(a.lease_us / 1000))
+  end
+  return CC
+end
+
 -- The decision -------------------------------------------------------------------
 
 -- Each algorithm's functions are made only when a limit uses it: every call
 -- runs this whole chunk, and building all four's closures cost more Redis CPU
 -- (about 4 us a call, INFO commandstats) than a token bucket's arithmetic.
-local LOADERS = {tb = load_tb, sw = load_sw, fw = load_fw, lb = load_lb}
+local LOADERS = {tb = load_tb, sw = load_sw, fw = load_fw, lb = load_lb, cc = load_cc}
 local ALGORITHMS = {}
 
 local mode = ARGV[1]
-if mode ~= 'acquire' and mode ~= 'peek' then
+if mode ~= 'acquire' and mode ~= 'peek' and mode ~= 'release' and mode ~= 'renew' then
   return redis.error_reply('unknown mode ' .. tostring(mode))
 end
 local now
@@ -333,10 +371,11 @@ else
   now = tonumber(ARGV[2])
 end
 local cost = tonumber(ARGV[3])
+local ticket = ARGV[4]
 
-local algs, params, states = {}, {}, {}
+local algs, params, shadow = {}, {}, {}
 for i = 1, #KEYS do
-  local base = 4 + 3 * (i - 1)
+  local base = 5 + 4 * (i - 1)
   local code = ARGV[base]
   local alg = ALGORITHMS[code]
   if alg == nil then
@@ -349,9 +388,51 @@ for i = 1, #KEYS do
   end
   algs[i] = alg
   params[i] = alg.params(tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]))
-  local raw = redis.call('GET', KEYS[i])
-  if raw then
-    states[i] = alg.decode(raw)
+  shadow[i] = ARGV[base + 3] == '1'
+end
+
+if mode == 'release' or mode == 'renew' then
+  -- A request's slots end with its exchange (release), or live on while an
+  -- upgraded connection stays open (renew); other limits are untouched.
+  for i = 1, #KEYS do
+    if algs[i].write ~= nil then
+      if mode == 'release' then
+        redis.call('ZREM', KEYS[i], ticket)
+      elseif redis.call('ZSCORE', KEYS[i], ticket) then
+        algs[i].write(KEYS[i], params[i], nil, now, ticket)
+      end
+    end
+  end
+  return {}
+end
+
+local states = {}
+for i = 1, #KEYS do
+  if algs[i].read ~= nil then
+    states[i] = algs[i].read(KEYS[i], now)
+  else
+    local raw = redis.call('GET', KEYS[i])
+    if raw then
+      states[i] = algs[i].decode(raw)
+    end
+  end
+end
+
+local function save(i, state)
+  local alg = algs[i]
+  if alg.write ~= nil then
+    alg.write(KEYS[i], params[i], state, now, ticket)
+    return
+  end
+  local ms = math.ceil(alg.ttl(params[i], state, now) * 1000)
+  if ms > MAX_PX then
+    -- fresh again only in 285,000 years or more (a tiny rate): Redis
+    -- refuses such a PX, and keeping the key for good is the same thing
+    redis.call('SET', KEYS[i], alg.encode(state))
+  elseif ms > 0 then
+    redis.call('SET', KEYS[i], alg.encode(state), 'PX', string.format('%d', ms))
+  else
+    redis.call('DEL', KEYS[i])
   end
 end
 
@@ -364,19 +445,14 @@ else
   local new_states, all_allowed = {}, true
   for i = 1, #KEYS do
     outcomes[i], new_states[i] = algs[i].check(params[i], states[i], now, cost)
-    all_allowed = all_allowed and outcomes[i][1]
+    if not outcomes[i][1] and not shadow[i] then
+      all_allowed = false
+    end
   end
   if all_allowed then
     for i = 1, #KEYS do
-      local ms = math.ceil(algs[i].ttl(params[i], new_states[i], now) * 1000)
-      if ms > MAX_PX then
-        -- fresh again only in 285,000 years or more (a tiny rate): Redis
-        -- refuses such a PX, and keeping the key for good is the same thing
-        redis.call('SET', KEYS[i], algs[i].encode(new_states[i]))
-      elseif ms > 0 then
-        redis.call('SET', KEYS[i], algs[i].encode(new_states[i]), 'PX', string.format('%d', ms))
-      else
-        redis.call('DEL', KEYS[i])
+      if outcomes[i][1] then  -- a shadow limit that would refuse keeps its state
+        save(i, new_states[i])
       end
     end
   else
