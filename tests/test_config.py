@@ -185,6 +185,9 @@ CASES = [
          'tier_claim: "a b"}}', 'clients.jwt.tier_claim: must be a claim name ([A-Za-z0-9_.:-]+), got "a b"'),
     case("clients.jwt.issuer", "clients: {jwt: {algorithms: [ES256], key_file: k, default_tier: anonymous, "
          "issuer: 5}}", "clients.jwt.issuer: must be a non-empty string, got 5"),
+    case("claim-selector-needs-jwt", "tiers:\n  anonymous: {limits: [{limit: 5, window: 60, algorithm: fixed_window, "
+         "per: [client, claim:tenant]}]}", 'tiers.anonymous.limits[0].per: claim:<name> selectors need clients.jwt, '
+         'got "claim:tenant"'),
     case("clients.ipv6_prefix-zero", "clients: {ipv6_prefix: 0}",
          "clients.ipv6_prefix: must be an integer 1-128, got 0"),
     case("clients.ipv6_prefix-big", "clients: {ipv6_prefix: 129}",

@@ -342,3 +342,26 @@ async def test_a_reload_rereads_the_key_file_and_a_broken_one_keeps_the_old(keyd
         assert (await tg.runtime.reloader.reload("test")).ok
         assert (await tg.get("/users", headers=auth_a))[0] == 401
         assert (await tg.get("/users", headers=auth_c))[0] == 200
+
+
+CLAIMS_CONFIG = """
+upstream: {url: "{upstream}"}
+clients:
+  jwt: {algorithms: [HS256], secret_env: TG_TEST_JWT_SECRET, default_tier: free}
+tiers:
+  anonymous: {limits: [{algorithm: token_bucket, capacity: 50, refill_rate: 1}]}
+  free:
+    limits:
+      - {name: tenant, algorithm: fixed_window, limit: 2, window: 60, per: "claim:tenant"}
+"""
+
+
+async def test_claim_selectors_count_the_verified_tokens_claim(upstream, monkeypatch, fake_clock):
+    monkeypatch.setenv("TG_TEST_JWT_SECRET", SECRET)
+    async with running(CLAIMS_CONFIG, upstream.url, clock=fake_clock) as tg:
+        def auth(sub: str, tenant: str) -> dict[str, str]:
+            return {"Authorization": "Bearer " + mint(SECRET, "HS256", sub=sub, tenant=tenant, exp=NOW * 2)}
+
+        statuses = [(await tg.get("/users", headers=auth(sub, tenant)))[0]
+                    for sub, tenant in (("alice", "t1"), ("bob", "t1"), ("carol", "t1"), ("dave", "t2"))]
+    assert statuses == [200, 200, 429, 200]  # alice and bob share tenant t1's window

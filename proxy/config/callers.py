@@ -1,4 +1,5 @@
-"""clients.networks and clients.jwt: they name tiers, so they are read after the tiers.
+"""clients.networks and clients.jwt: they name tiers, so they are read after the tiers;
+and the check that `claim:` selectors have a clients.jwt to read claims from.
 
 (clients.deny names none and is read with the rest of `clients` in sections.py.)
 """
@@ -7,13 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from ..routes import Route
 from .checks import Checker, read_network
 from .jwt_keys import ALGORITHMS, HMAC, file_keys, secret_keys
-from .model import JwtConfig, Network
+from .model import JwtConfig, Network, Tier
 
 CLAIM_RE: Final = re.compile(r"[A-Za-z0-9_.:-]+\Z")
 JWT_KEYS: Final = ("algorithms", "key_file", "secret_env", "issuer", "audience", "subject_claim",
@@ -131,3 +133,20 @@ def _keys(ck: Checker, spec: Mapping[str, Any], algorithms: tuple[str, ...], bas
             return {}
         return file_keys(ck, "clients.jwt.key_file", base, name, algorithms)
     return {}
+
+
+def check_claim_selectors(ck: Checker, tiers: Mapping[str, Tier], routes: Sequence[Route],
+                          jwt: JwtConfig | None) -> None:
+    """`per: claim:<name>` reads a verified token's claims: without clients.jwt it would never see one.
+
+    Run on a config read without errors, where each limit sits at its index as written.
+    """
+    if jwt is not None:
+        return
+    owners = [(f"tiers.{name}.limits", tier.limits) for name, tier in tiers.items()]
+    owners += [(f"routes[{j}].limits", route.limits) for j, route in enumerate(routes)]
+    for path, limits in owners:
+        for i, limit in enumerate(limits):
+            for selector in limit.per:
+                if selector.startswith("claim:"):
+                    ck.error(f"{path}[{i}].per", "claim:<name> selectors need clients.jwt", selector)

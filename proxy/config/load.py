@@ -8,7 +8,7 @@ from typing import Any, Final
 
 import yaml
 
-from .callers import read_callers
+from .callers import check_claim_selectors, read_callers
 from .checks import Checker, show
 from .model import Config, ConfigError
 from .policy import read_api_keys, read_routes, read_tiers
@@ -77,6 +77,8 @@ def build(tree: Any, path: str | None = None, *, errors: list[str] | None = None
     routes = read_routes(ck, raw.get("routes"), tiers, lease=lease)
     base = Path(path).parent if path is not None else Path(".")  # key files are relative to the config file
     callers = read_callers(ck, raw.get("clients"), known or {}, base)
+    if not ck.errors:
+        check_claim_selectors(ck, tiers, routes, callers.get("jwt"))
     if ck.errors:
         raise ConfigError(ck.errors)
     sections["clients"] = replace(sections["clients"], **callers)
