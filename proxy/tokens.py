@@ -15,8 +15,6 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
-import jwt
-
 from .config import JwtConfig
 
 LEEWAY: Final = 30  # seconds; the usual allowance for clock skew (a token lives minutes, not seconds)
@@ -37,6 +35,8 @@ def verify(settings: JwtConfig, token: str, now: float) -> Mapping[str, Any] | N
 
     The caller has checked that the token is visible ASCII.
     """
+    import jwt  # here, not at the top: PyJWT and cryptography load only for a config that verifies tokens
+
     if len(token) > MAX_TOKEN:
         return None
     try:

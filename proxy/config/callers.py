@@ -14,7 +14,6 @@ from typing import Any, Final
 
 from ..routes import Route
 from .checks import Checker, read_network
-from .jwt_keys import ALGORITHMS, HMAC, file_keys, secret_keys
 from .model import JwtConfig, Network, Tier
 
 CLAIM_RE: Final = re.compile(r"[A-Za-z0-9_.:-]+\Z")
@@ -72,6 +71,8 @@ def _optional_text(ck: Checker, path: str, value: Any, pattern: re.Pattern[str] 
 
 
 def _algorithms(ck: Checker, value: Any) -> tuple[str, ...]:
+    from .jwt_keys import ALGORITHMS, HMAC
+
     path = "clients.jwt.algorithms"
     if not isinstance(value, list) or not value:
         ck.error(path, "must be a non-empty list of algorithms like [RS256]", value)
@@ -117,6 +118,8 @@ def _jwt(ck: Checker, value: Any, known: Mapping[str, Any], base: Path,
 
 def _keys(ck: Checker, spec: Mapping[str, Any], algorithms: tuple[str, ...], base: Path,
           environ: Mapping[str, str]) -> dict[tuple[str | None, str], Any]:
+    from .jwt_keys import HMAC, file_keys, secret_keys
+
     hmac = algorithms[0] in HMAC
     if "key_file" in spec and "secret_env" in spec:
         ck.error("clients.jwt", "give key_file (public keys) or secret_env (an HS* secret), not both")
