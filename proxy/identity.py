@@ -109,14 +109,20 @@ def address_identity(client_id: str) -> str:
     return "a:" + client_id
 
 
-def find_client(config: Config, client_id: str) -> tuple[str, str] | None:
+def find_client(config: Config, client_id: str, *, seen_tier: str | None = None) -> tuple[str, str] | None:
     """A client id as the admin API names it -> (tier name, identity), or None.
 
-    The id is a key's `name`, or an address (an IPv6 one maps to its prefix).
+    The id is a key's `name`, `jwt:<subject>`, or an address (an IPv6 one maps
+    to its prefix). A JWT client's tier is in its token, which is never kept:
+    `seen_tier` (the one its last request had) or else default_tier.
     """
     entry = config.key_by_name(client_id)
     if entry is not None:
         return entry.tier, key_identity(entry)
+    settings = config.clients.jwt
+    if settings is not None and client_id.startswith("jwt:") and len(client_id) > 4:
+        tier = seen_tier if seen_tier is not None and seen_tier in config.tiers else settings.default_tier
+        return tier, subject_identity(client_id[4:])
     address = _parse(client_id)
     if "anonymous" not in config.tiers or address is None:
         return None

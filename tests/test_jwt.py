@@ -43,6 +43,7 @@ tiers:
   anonymous: {limits: [{algorithm: token_bucket, capacity: 5, refill_rate: 1}]}
   free: {limits: [{algorithm: token_bucket, capacity: 3, refill_rate: 1}]}
   gold: {unlimited: true}
+  silver: {limits: [{algorithm: token_bucket, capacity: 7, refill_rate: 1}]}
 """
 
 
@@ -365,3 +366,20 @@ async def test_claim_selectors_count_the_verified_tokens_claim(upstream, monkeyp
         statuses = [(await tg.get("/users", headers=auth(sub, tenant)))[0]
                     for sub, tenant in (("alice", "t1"), ("bob", "t1"), ("carol", "t1"), ("dave", "t2"))]
     assert statuses == [200, 200, 429, 200]  # alice and bob share tenant t1's window
+
+
+async def test_the_admin_api_finds_a_jwt_client_under_the_tier_its_token_gave(keydir, upstream, fake_clock):
+    token = mint(RSA_A, "RS256", kid="a", plan="silver", exp=NOW * 2)
+    async with running(HTTP_CONFIG, upstream.url, config_path=keydir / "config.yaml", clock=fake_clock) as tg:
+        assert (await tg.get("/users", headers={"Authorization": "Bearer " + token}))[0] == 200
+
+        async def remaining(client_id: str) -> tuple[str, int]:
+            async with tg.session.get(f"{tg.admin_url}/api/clients/{client_id}") as resp:
+                body = await resp.json()
+            return body["tier"], body["limits"][0]["remaining"]
+
+        assert await remaining("jwt:alice") == ("silver", 6)
+        assert await remaining("jwt:nobody") == ("free", 3)  # never seen: default_tier
+        async with tg.session.delete(tg.admin_url + "/api/clients/jwt:alice") as resp:
+            assert resp.status == 204
+        assert await remaining("jwt:alice") == ("silver", 7)
