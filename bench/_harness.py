@@ -139,6 +139,7 @@ class Server:
     cwd: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     measure_children: bool = False  # nginx: CPU is the workers', not the master's
+    measure_tree: bool = False  # Tollgate with server.workers > 1: the supervisor and its workers
     env: dict[str, str] | None = None
     _log: Any = field(default=None, repr=False)
 
@@ -157,6 +158,8 @@ class Server:
         )
 
     def measured_pids(self) -> list[int]:
+        if self.measure_tree:
+            return [self.pid, *children(self.pid)]
         if not self.measure_children:
             return [self.pid]
         workers = children(self.pid)
@@ -365,15 +368,16 @@ class Servers:
     def tollgate(self, name: str, upstream_port: int, *, storage: str = "{backend: memory}",
                  anonymous: str = "{algorithm: token_bucket, capacity: 1000000000, refill_rate: 1000000000}",
                  extra: str = "", log_to_file: bool = True, script: str = "run.py",
-                 wrapper: Sequence[str] = (), root: Path = ROOT) -> tuple[Server, int]:
+                 wrapper: Sequence[str] = (), root: Path = ROOT, workers: int = 1) -> tuple[Server, int]:
         """One Tollgate process; returns (server, admin port). Its stderr (the access log) goes
         to a file in the temp dir, or to /dev/null when `log_to_file` is false. `wrapper` is
         prepended to the command line (valgrind: bench/instructions.py); `root` is the checkout
-        whose run.py runs (bench/run.py --baseline: an older commit's)."""
+        whose run.py runs (bench/run.py --baseline: an older commit's). With `workers` > 1 its
+        CPU is the supervisor's and every worker's."""
         port, admin = free_port(), free_port()
         config = self.tmp / f"{name}.yaml"
         config.write_text(
-            f"server: {{host: 127.0.0.1, port: {port}}}\n"
+            f"server: {{host: 127.0.0.1, port: {port}{f', workers: {workers}' if workers > 1 else ''}}}\n"
             f"admin: {{host: 127.0.0.1, port: {admin}}}\n"
             f'upstream: {{url: "http://127.0.0.1:{upstream_port}", start_mock: false}}\n'
             "log: {format: text}\n"
@@ -383,7 +387,8 @@ class Servers:
             f"{extra}"
         )
         server = Server(name, [*wrapper, sys.executable, script, "--config", str(config), "--no-mock"], port,
-                        log_path=self.tmp / f"{name}.log" if log_to_file else None, cwd=root)
+                        log_path=self.tmp / f"{name}.log" if log_to_file else None, cwd=root,
+                        measure_tree=workers > 1)
         self.start(server)
         return server, admin
 

@@ -44,14 +44,16 @@ from _harness import (
 
 TARGETS = ("direct", "nginx", "tollgate-off", "tollgate-memory", "tollgate-redis")
 # Opt-in (--targets ...,aiohttp-bare): a minimal aiohttp forwarder, the framework's floor.
-# and tollgate-nostats: memory store with Stats.observe a no-op (bench/no_stats.py), the cost of stats.
+# and tollgate-nostats: memory store with Stats.observe a no-op (bench/no_stats.py), the cost of stats;
+# and tollgate-workers2: tollgate-redis with server.workers 2 (a supervisor and two SO_REUSEPORT workers).
 ALL_TARGETS = ("direct", "nginx", "aiohttp-bare", "tollgate-off", "tollgate-memory", "tollgate-nostats",
-               "tollgate-redis")
+               "tollgate-redis", "tollgate-workers2")
 RATIOS = (
     ("tollgate-memory", "nginx"),
     ("tollgate-memory", "direct"),
     ("tollgate-memory", "tollgate-off"),
     ("tollgate-redis", "tollgate-memory"),
+    ("tollgate-workers2", "tollgate-redis"),
     ("tollgate-off", "aiohttp-bare"),
     ("tollgate-memory", "tollgate-nostats"),
     ("tollgate-off", "baseline-off"),
@@ -129,13 +131,13 @@ def start_all(servers: Servers, args: argparse.Namespace) -> dict[str, Target]:
         targets["aiohttp-bare"] = Target("aiohttp-bare", f"http://127.0.0.1:{bare.port}/bench", bare,
                                          others={"upstream": upstream})
     redis = None
-    if "tollgate-redis" in wanted:
+    if wanted & {"tollgate-redis", "tollgate-workers2"}:
         with step("private redis-server"):
             redis = servers.redis()
     baseline = checkout(args.baseline, servers.tmp) if args.baseline else None
     with step("Tollgate processes"):
         pending = []
-        modes = [("tollgate", mode, ROOT) for mode in ("off", "memory", "nostats", "redis")]
+        modes = [("tollgate", mode, ROOT) for mode in ("off", "memory", "nostats", "redis", "workers2")]
         if baseline is not None:
             modes += [("baseline", mode, baseline) for mode in ("off", "memory", "redis")]
         for prefix, mode, root in modes:
@@ -143,15 +145,15 @@ def start_all(servers: Servers, args: argparse.Namespace) -> dict[str, Target]:
             if f"tollgate-{mode}" not in wanted:
                 continue
             storage = "{backend: memory}"
-            if mode == "redis":
+            if mode in ("redis", "workers2"):
                 assert redis is not None
                 storage = (f'{{backend: redis, url: "redis://127.0.0.1:{redis.port}/0", '
                            f"timeout: {args.redis_timeout:g}}}")
             script = "bench/no_stats.py" if mode == "nostats" else "run.py"
             server, admin = servers.tollgate(name, upstream.port, storage=storage, log_to_file=log_to_file,
-                                             script=script, root=root)
+                                             script=script, root=root, workers=2 if mode == "workers2" else 1)
             path = "/exempt/bench" if mode == "off" else "/bench"
-            others = {"upstream": upstream, **({"redis": redis} if redis and mode == "redis" else {})}
+            others = {"upstream": upstream, **({"redis": redis} if redis and mode in ("redis", "workers2") else {})}
             targets[name] = Target(name, f"http://127.0.0.1:{server.port}{path}", server, others=others,
                                    metrics_url=f"http://127.0.0.1:{admin}/metrics")
             pending.append((server, admin))
@@ -172,7 +174,7 @@ def sanity_check(target: Target) -> None:
         policy = response.headers.get("RateLimit-Policy")
     if response.status != 200:
         raise BenchError(f"{target.name}: {target.url} answered {response.status} {body[:80]!r}")
-    limited = target.name.endswith(("-memory", "-nostats", "-redis"))
+    limited = target.name.endswith(("-memory", "-nostats", "-redis", "-workers2"))
     if limited and not policy:
         raise BenchError(f"{target.name}: no RateLimit-Policy header: the limiter did not run")
     if target.name.endswith("-off") and policy:
@@ -269,13 +271,13 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def print_report(summary: dict[str, Any], ratio_table: dict[str, dict[str, float | None]], rounds: int) -> None:
     print(f"\nMedians over {rounds} round(s); CPU is the server's own (nginx: its worker), per request;"
           " 'of it sys': its kernel part; 'I/O calls': its read and write system calls")
-    header = (f"{'target':<16} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} "
+    header = (f"{'target':<17} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'CPU us/req':>11} "
               f"{'of it sys':>9} {'I/O calls':>9} {'CPU %core':>9} {'upstr us/req':>12} {'redis us/req':>12} "
               f"{'wrk us/req':>10} {'non-2xx':>8}")
     print(header)
     print("-" * len(header))
     for name, med in summary.items():
-        print(f"{name:<16} {_fmt(med['rps'], 0):>10} {_fmt(med['p50_ms']):>8} {_fmt(med['p99_ms']):>8} "
+        print(f"{name:<17} {_fmt(med['rps'], 0):>10} {_fmt(med['p50_ms']):>8} {_fmt(med['p99_ms']):>8} "
               f"{_fmt(med['cpu_us_per_req'], 1):>11} {_fmt(med.get('kernel_cpu_us_per_req'), 1):>9} "
               f"{_fmt(med.get('io_syscalls_per_req'), 2):>9} {_fmt(med['cpu_percent_of_one_core'], 0):>9} "
               f"{_fmt(med.get('upstream_cpu_us_per_req'), 1):>12} {_fmt(med.get('redis_cpu_us_per_req'), 1):>12} "

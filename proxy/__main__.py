@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,12 +21,12 @@ from . import config as config_module
 from .accesslog import setup_logging
 from .app import build_admin_app, build_proxy_app, build_runtime
 from .config import Config, ConfigError
+from .control import serve_control
 from .limits.factory import open_store
 from .mockproc import MockStartError, mock_upstream
-from .server import StartError, hostport, listen
-
-log = logging.getLogger("tollgate")
-
+from .runtime import Runtime
+from .server import StartError, hostport, listen, stop_event
+from .workers import worker_group
 
 SHIPPED_CONFIG: Final = Path(__file__).resolve().parent / "shipped" / "config.yaml"
 
@@ -39,6 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "else the demo config shipped with Tollgate)")
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--no-mock", action="store_true", help="do not start the mock upstream")
+    parser.add_argument("--worker", metavar="SOCKET", help=argparse.SUPPRESS)  # a supervisor's worker (proxy.workers)
     return parser.parse_args(argv)
 
 
@@ -54,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config is None:
         args.config = str(default_config_path())
     try:
-        config = config_module.load(args.config)
+        text, path = config_module.read(args.config) if args.worker is None else (sys.stdin.read(), args.config)
+        config = config_module.from_text(text, path)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     setup_logging(config.log_format)
     try:
-        return _run(serve(config, start_mock=config.upstream.start_mock and not args.no_mock))
+        if args.worker is not None:
+            return _run(serve_worker(config, args.worker))
+        return _run(serve(config, text, start_mock=config.upstream.start_mock and not args.no_mock))
     except StartError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 1
@@ -83,22 +85,16 @@ def _run(coro: asyncio.Future[int] | object) -> int:
         return runner.run(coro)  # type: ignore[arg-type]
 
 
-async def serve(config: Config, *, start_mock: bool) -> int:
-    """Run until SIGTERM/SIGINT; return the exit code."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+def _listen_proxy(runtime: Runtime, *, reuse_port: bool = False) -> contextlib.AbstractAsyncContextManager[int]:
+    server = runtime.config.server
+    return listen(build_proxy_app(runtime), server.host, server.port, "proxy", shutdown_timeout=server.shutdown_timeout,
+                  keepalive_timeout=server.keepalive_timeout, reuse_port=reuse_port)
 
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            # straight to stderr: os._exit skips the logging thread's last flush
-            print(f"tollgate: second {signal.Signals(signum).name}: exiting now", file=sys.stderr, flush=True)
-            os._exit(1)
-        log.info("%s: stopping (draining up to %gs)", signal.Signals(signum).name,
-                 config.server.shutdown_timeout)
-        stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
+async def serve(config: Config, text: str, *, start_mock: bool) -> int:
+    """Run until SIGTERM/SIGINT; return the exit code. With `server.workers` > 1 this
+    process is the supervisor: workers serve the proxy port, it serves the admin port."""
+    stop = stop_event(config.server.shutdown_timeout, signal.SIGTERM, signal.SIGINT)
     async with contextlib.AsyncExitStack() as stack:
         if start_mock:
             try:
@@ -109,20 +105,39 @@ async def serve(config: Config, *, start_mock: bool) -> int:
         runtime = build_runtime(config, store)
         await runtime.limiter.start()
         reloader = runtime.reloader
-        await stack.enter_async_context(
-            listen(build_proxy_app(runtime), config.server.host, config.server.port, "proxy",
-                    shutdown_timeout=config.server.shutdown_timeout,
-                    keepalive_timeout=config.server.keepalive_timeout)
-        )
+        if config.server.workers == 1:
+            await stack.enter_async_context(_listen_proxy(runtime))
+        else:
+            group = await stack.enter_async_context(worker_group(
+                config.path or "", text, config.server.workers, shutdown_timeout=config.server.shutdown_timeout,
+                lock=reloader.lock))
+            runtime.workers = reloader.group = group
         await stack.enter_async_context(
             listen(build_admin_app(runtime), config.admin.host, config.admin.port, "admin",
                     shutdown_timeout=1.0)
         )
         await stack.enter_async_context(reloader.watching())
-        loop.add_signal_handler(signal.SIGHUP, reloader.reload_soon, "SIGHUP")
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload_soon, "SIGHUP")
         print(f"Tollgate proxy      http://{hostport(config.server.host, config.server.port)}/  ->  "
               f"{config.upstream.url}", flush=True)
         print(f"Tollgate dashboard  http://{hostport(config.admin.host, config.admin.port)}/", flush=True)
+        await stop.wait()
+    return 0
+
+
+async def serve_worker(config: Config, control: str) -> int:
+    """One of a supervisor's workers: the proxy port (shared by SO_REUSEPORT) and its
+    control socket. Only SIGTERM from the supervisor stops it: a terminal's Ctrl-C
+    and SIGHUP reach the supervisor, which passes on what the workers must do."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    stop = stop_event(config.server.shutdown_timeout, signal.SIGTERM)
+    async with contextlib.AsyncExitStack() as stack:
+        store = await stack.enter_async_context(open_store(config.storage))
+        runtime = build_runtime(config, store)
+        await runtime.limiter.start()
+        await stack.enter_async_context(_listen_proxy(runtime, reuse_port=True))
+        await stack.enter_async_context(serve_control(runtime, control))
         await stop.wait()
     return 0
 

@@ -23,10 +23,12 @@ from .dashboard import setup_dashboard
 from .identity import find_client, visible_ascii
 from .limits.algorithms import Outcome
 from .limits.store import Limit, StorageUnavailable
+from .openapi import document
 from .problems import problem
 from .ratelimit_headers import most_constraining, refusing_limit, whole_seconds
 from .runtime import RUNTIME, Runtime
 from .selectors import GLOBAL_SUBJECT, hashed
+from .stats import Stats
 
 COOKIE: Final = "tollgate_admin"
 OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
@@ -70,9 +72,19 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def storage_body(runtime: Runtime) -> dict[str, Any]:
+    """The store's health; `down` lists each failed shard (a Cluster node's
+    "host:port", "*" for a whole store) with its own error and back-off."""
     limiter = runtime.limiter
-    return {"backend": limiter.store.backend, "healthy": limiter.health.healthy,
-            "on_error": limiter.on_error, "last_error": None if limiter.health.healthy else limiter.health.last_error}
+    down = limiter.failed_shards()
+    last = max(down.values(), key=lambda h: h.down_since or 0.0, default=None)
+    return {"backend": limiter.store.backend, "healthy": not down, "on_error": limiter.on_error,
+            "last_error": None if last is None else last.last_error,
+            "down": [{"shard": str(shard), "last_error": health.last_error, "errors": health.errors,
+                      "since": _iso(health.down_since)} for shard, health in down.items()]}
+
+
+def _iso(when: float | None) -> str | None:
+    return None if when is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def config_body(runtime: Runtime) -> dict[str, Any]:
@@ -93,8 +105,13 @@ def config_body(runtime: Runtime) -> dict[str, Any]:
 
 async def stats_body(runtime: Runtime) -> dict[str, Any]:
     """Everything the dashboard shows, in one JSON document."""
-    stats = runtime.stats
+    stats, workers = runtime.stats, None
+    if runtime.workers is not None:
+        workers = await runtime.workers.gather()
+        stats = Stats.merged([w["stats"] for w in workers], clock=stats.clock, started=stats.started)
     body = stats.snapshot()
+    if workers is not None:
+        body["workers"] = [{"pid": w["pid"], "requests": w["stats"]["totals"]["requests"]} for w in workers]
     for key, by in (("top_clients", "requests"), ("top_blocked", "blocked")):
         rows = []
         for client_id, counts in stats.top(TOP_N, by=by):
@@ -109,7 +126,7 @@ async def stats_body(runtime: Runtime) -> dict[str, Any]:
 
 async def _remaining(runtime: Runtime, tier_name: str, identity: str) -> int | None:
     tier = runtime.config.tiers.get(tier_name)
-    if tier is None or tier.unlimited or not identity or not runtime.limiter.health.healthy:
+    if tier is None or tier.unlimited or not identity or not runtime.limiter.healthy_for(identity):
         return None
     known = [(limit, subject) for limit, subject in client_subjects(tier.limits, identity, "")
              if subject is not None and not limit.shadow and not limit.concurrent]
@@ -140,7 +157,10 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def stats_reset(request: web.Request) -> web.Response:
-    request.app[RUNTIME].stats.reset()
+    runtime = request.app[RUNTIME]
+    runtime.stats.reset()
+    if runtime.workers is not None:
+        await runtime.workers.reset_stats()
     return web.Response(status=204)
 
 
@@ -257,10 +277,17 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    output = generate_latest(request.app[RUNTIME].metrics.registry)
+    runtime = request.app[RUNTIME]
+    if runtime.workers is not None:
+        runtime.metrics.load_sum([w["metrics"] for w in await runtime.workers.gather()])
+    output = generate_latest(runtime.metrics.registry)
     response = web.Response(body=output)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(document(open_paths=OPEN_PATHS, cookie=COOKIE))
 
 
 def setup_admin(app: web.Application) -> None:
@@ -277,4 +304,5 @@ def setup_admin(app: web.Application) -> None:
     router.add_post("/api/check", check)
     router.add_post("/api/reload", reload)
     router.add_get("/metrics", metrics)
+    router.add_get("/api/openapi.json", openapi_json)
     setup_dashboard(app, stats=lambda: stats_body(runtime))

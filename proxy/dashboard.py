@@ -31,6 +31,8 @@ import jinja2
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
+from .problems import problem
+
 StatsProvider = Callable[[], Awaitable[dict[str, Any]]]
 
 # proxy/shipped/templates links to the top-level templates/ in a checkout and is
@@ -153,11 +155,11 @@ async def _index(request: web.Request) -> web.Response:
     return response
 
 
-async def _static(request: web.Request) -> web.FileResponse:
+async def _static(request: web.Request) -> web.StreamResponse:
     dash = request.app[DASHBOARD_KEY]
     asset = dash.assets.get(request.match_info["name"])
     if asset is None:
-        raise web.HTTPNotFound()
+        return problem(404, "not_found", "The dashboard has no such file.")
     # Page links carry ?v=<hash>: that exact version may be cached for good;
     # any other request revalidates (ETag / Last-Modified from FileResponse).
     if request.query.get("v") == asset.version():

@@ -8,6 +8,12 @@ it applies the policy at once and lets one request probe the store after
 flight when the store failed fail too, but do not lengthen the back-off: at
 a high request rate a short stall would otherwise turn into seconds of
 degraded answers. The outage is logged once, and so is the recovery.
+
+Health is kept per shard (`Store.shard_of`): with Redis Cluster a failed or
+stalled node puts only the clients whose keys live on it under on_error, each
+node with its own back-off, and clients on the others keep exact limits. Only
+failed shards have an entry, so while all is well the check is one empty-dict
+test, and a store with one shard never asks `shard_of` at all.
 """
 
 from __future__ import annotations
@@ -17,14 +23,14 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .config import LimitSet
 from .limits.algorithms import Outcome
 from .limits.memory import MemoryStore
-from .limits.store import Limit, StorageUnavailable, Store
+from .limits.store import WHOLE, Limit, StorageUnavailable, Store
 
 log = logging.getLogger("tollgate.storage")
 
@@ -59,6 +65,8 @@ FAIL_CLOSED: Decision = (Verdict(False, unavailable=True, degraded=True), ())
 
 @dataclass(slots=True)
 class Health:
+    """A shard's state; the limiter keeps one per failed shard only."""
+
     healthy: bool = True
     last_error: str | None = None
     down_since: float | None = None
@@ -80,7 +88,9 @@ class Limiter:
         self.on_error = on_error
         self.timeout = timeout
         self.fallback = fallback if fallback is not None else MemoryStore()
-        self.health = Health()
+        self.errors = 0  # failed store calls, all shards, ever
+        self.down: dict[Hashable, Health] = {}  # failed shards only
+        self._sharded = store.sharded
         self._describe = describe or store.backend
         self._memory = store if isinstance(store, MemoryStore) else None
         self._tickets = itertools.count(1)
@@ -93,7 +103,7 @@ class Limiter:
         try:
             await self.store.warm()
         except StorageUnavailable as exc:
-            self._failed(exc)
+            self._failed(exc, WHOLE)
 
     @property
     def leases(self) -> bool:
@@ -120,11 +130,12 @@ class Limiter:
                     return Verdict(True, o.delay), outcomes
                 return (ALLOW if o.allowed else REFUSE), outcomes
             return _decision(limit_set, outcomes)
-        health = self.health
-        if not health.healthy:
-            if health.probing or self.clock() < health.retry_at:
-                return self._on_error(limit_set, subjects, cost)
-            health.probing = True  # this request probes; consult_store ends the probe
+        if self.down:
+            health = self.down.get(self.store.shard_of(subjects[0]) if self._sharded else WHOLE)
+            if health is not None:
+                if health.probing or self.clock() < health.retry_at:
+                    return self._on_error(limit_set, subjects, cost)
+                health.probing = True  # this request probes its shard; consult_store ends the probe
         return None
 
     async def decide(self, limit_set: LimitSet, subjects: Sequence[str], cost: int, ticket: str = "") -> Decision:
@@ -136,18 +147,20 @@ class Limiter:
     async def consult_store(self, limit_set: LimitSet, subjects: Sequence[str], cost: int,
                             ticket: str = "") -> Decision:
         """The decision from the store, where `decide_now` said one is needed."""
-        probe = not self.health.healthy
+        # The shard before the call: a failover may move the slot while it runs.
+        shard = self.store.shard_of(subjects[0]) if self._sharded else WHOLE
+        health = self.down.get(shard) if self.down else None
         try:
             outcomes = await self.store.acquire(subjects, limit_set.limits, cost, timeout=self.timeout,
                                                 ticket=ticket)
         except (StorageUnavailable, TimeoutError) as exc:
-            self._failed(exc, probe=probe)
+            self._failed(exc, shard, probe=health is not None)
             return self._on_error(limit_set, subjects, cost)
         finally:
-            if probe:
-                self.health.probing = False  # answered, failed or cancelled: the next may probe
-        if not self.health.healthy:
-            self._recovered()
+            if health is not None:
+                health.probing = False  # answered, failed or cancelled: the next may probe
+        if self.down and shard in self.down:  # one success restores a shard, probe or not
+            self._recovered(shard)
         return _decision(limit_set, outcomes)
 
     def release(self, limit_set: LimitSet, subjects: Sequence[str], ticket: str, verdict: Verdict) -> None:
@@ -199,31 +212,32 @@ class Limiter:
             return _decision(limit_set, outcomes, degraded=True)
         return FAIL_OPEN
 
-    def _failed(self, exc: BaseException, *, probe: bool = False) -> None:
-        """A call failed: the first failure starts the back-off, a failed probe
-        doubles it, and a request that was in flight before the outage changes
-        nothing more."""
-        health = self.health
-        health.errors += 1
+    def _failed(self, exc: BaseException, shard: Hashable, *, probe: bool = False) -> None:
+        """A call failed: the first failure starts the shard's back-off, a
+        failed probe doubles it, and a request that was in flight before the
+        outage changes nothing more."""
+        self.errors += 1
         # A store's own message names its (masked) URL; a timeout says nothing.
         reason = str(exc) or f"{self._describe} did not answer within {self.timeout:g}s"
-        health.last_error = reason
-        if health.healthy:
-            health.healthy = False
-            health.down_since = time.time()
-            health.backoff = BACKOFF_START
+        health = self.down.get(shard)
+        if health is None:
+            health = self.down[shard] = Health(healthy=False, down_since=time.time())
             health.retry_at = self.clock() + health.backoff
-            log.error("storage unavailable: %s; storage.on_error=%s is in force", reason, self.on_error)
+            log.error("storage unavailable%s: %s; storage.on_error=%s is in force",
+                      self._where(shard), reason, self.on_error)
         elif probe:
             health.backoff = min(BACKOFF_MAX, health.backoff * 2)
             health.retry_at = self.clock() + health.backoff
+        health.errors += 1
+        health.last_error = reason
 
-    def _recovered(self) -> None:
-        outage = time.time() - (self.health.down_since or time.time())
-        log.warning("storage %s is back after %.1fs", self._describe, outage)
-        self.health.healthy = True
-        self.health.down_since = None
-        self.health.backoff = BACKOFF_START
+    def _recovered(self, shard: Hashable) -> None:
+        health = self.down.pop(shard)
+        outage = time.time() - (health.down_since or time.time())
+        log.warning("storage %s%s is back after %.1fs", self._describe, self._where(shard), outage)
+
+    def _where(self, shard: Hashable) -> str:
+        return f" (node {shard})" if self._sharded and shard != WHOLE else ""
 
     async def peek(self, subjects: Sequence[str], limits: Sequence[Limit]) -> list[Outcome]:
         """Each limit's state for its subject now (admin API); raises StorageUnavailable."""
@@ -243,10 +257,40 @@ class Limiter:
             raise StorageUnavailable(f"timed out after {max(self.timeout, 1.0):g}s") from exc
         await self.fallback.reset(subjects, limits)
 
+    def failed_shards(self) -> dict[Hashable, Health]:
+        """The shards down now. A failed shard that no longer serves (its
+        Cluster slots failed over to a replica) is forgotten: nothing would
+        ever probe it again."""
+        if self.down and self._sharded:
+            serving = self.store.shards()
+            for shard in [s for s in self.down if s not in serving]:
+                del self.down[shard]
+        return self.down
+
+    @property
+    def health(self) -> Health:
+        """The store's health as one: a failed shard's (the first), or healthy."""
+        for health in self.failed_shards().values():
+            return health
+        return Health(errors=self.errors)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.failed_shards()
+
+    def healthy_for(self, identity: str) -> bool:
+        """Is the shard of `identity` up (as far as the limiter knows)?"""
+        return not self.down or (self.store.shard_of(identity) if self._sharded else WHOLE) not in self.down
+
     @property
     def ready(self) -> bool:
-        """Can requests be served under the policy? (/readyz)"""
-        return self.health.healthy or self.on_error != "deny"
+        """Can requests be served under the policy? (/readyz) Under deny, while
+        some shard still answers: its clients are served exactly, and taking
+        every instance out of rotation would refuse them too."""
+        if self.on_error != "deny":
+            return True
+        down = self.failed_shards()
+        return not down or not set(self.store.shards()) <= set(down)
 
 
 def _decision(limit_set: LimitSet, outcomes: Sequence[Outcome], *, degraded: bool = False) -> Decision:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, ProcessCollector, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -78,7 +79,33 @@ class Metrics:
                                registry=self.registry)
         for result in ("success", "failure"):
             self.reloads.labels(result)
-        self.registry.register(_StorageCollector(storage_errors, storage_healthy))
+        self._storage_errors, self._storage_healthy = storage_errors, storage_healthy
+        self.registry.register(_StorageCollector(lambda: self._storage_errors(), lambda: self._storage_healthy()))
+
+    def dump(self) -> dict[str, Any]:
+        """The per-request counts and the storage counters, as JSON, for a supervisor to sum."""
+        return {"requests": [[tier, decision, n] for (tier, decision), n in self.requests.items()],
+                "upstream_errors": self.upstream_errors, "duration_counts": self.duration_counts,
+                "duration_sum": self.duration_sum, "storage_errors": self._storage_errors(),
+                "storage_healthy": self._storage_healthy()}
+
+    def load_sum(self, dumps: list[dict[str, Any]]) -> None:
+        """Show the sum of other processes' `dump`s (a supervisor's /metrics): the per-request
+        series and storage errors are summed, storage is healthy when every process finds it so."""
+        self.requests, self.upstream_errors = {}, {}
+        self.duration_counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        errors, healthy = 0, True
+        for dump in dumps:
+            for tier, decision, n in dump["requests"]:
+                self.requests[(tier, decision)] = self.requests.get((tier, decision), 0) + n
+            for kind, n in dump["upstream_errors"].items():
+                self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + n
+            self.duration_counts = [a + b for a, b in zip(self.duration_counts, dump["duration_counts"])]
+            self.duration_sum += dump["duration_sum"]
+            errors += dump["storage_errors"]
+            healthy = healthy and dump["storage_healthy"]
+        self._storage_errors, self._storage_healthy = (lambda: errors), (lambda: healthy)
 
     def observe(self, record: RequestRecord) -> None:
         key = (record.tier, record.decision)

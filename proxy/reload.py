@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import config as config_module
 from .config import Config, ConfigError
@@ -29,6 +30,7 @@ SETTLE = 0.5  # a change is taken once the file stayed the same this long: withi
 EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("server.host", lambda c: c.server.host), ("server.port", lambda c: c.server.port),
+    ("server.workers", lambda c: c.server.workers),
     ("admin.host", lambda c: c.admin.host), ("admin.port", lambda c: c.admin.port),
     ("storage.backend", lambda c: c.storage.backend), ("storage.url", lambda c: c.storage.url),
     ("storage.cluster", lambda c: c.storage.cluster), ("storage.key_prefix", lambda c: c.storage.key_prefix),
@@ -70,6 +72,13 @@ def _blank(path: str) -> bool:
         return True
 
 
+class Group(Protocol):
+    """Other processes that must take the same config (proxy.workers): all or none."""
+
+    async def swap(self, text: str) -> list[str]:
+        """Give every process `text`; the errors of any that refused it (then none took it)."""
+
+
 class Reloader:
     """Owns the reload of `runtime.config`; every trigger goes through `reload`."""
 
@@ -78,26 +87,42 @@ class Reloader:
         self.runtime = runtime
         self.on_result = on_result
         self.clock = clock
+        self.group: Group | None = None
         self._settling: tuple[tuple[int, int, int] | None, float] | None = None  # a change settling since
         self._lock = asyncio.Lock()
         path = runtime.config.path
         self._signature = _signature(path) if path else None
         self._digest = _digest(path) if path else None
 
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while a config is being swapped (a new worker starts under it too)."""
+        return self._lock
+
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
-            return self._reload(trigger)
+            return await self._reload(trigger)
 
-    def _reload(self, trigger: str) -> ReloadResult:
+    async def _reload(self, trigger: str) -> ReloadResult:
         runtime = self.runtime
         path = runtime.config.path
         if path is None:
             return self._refused(trigger, ["no config file to reload (started without one)"])
         self._signature, self._digest = _signature(path), _digest(path)
         try:
-            new = config_module.load(path)
+            text, resolved = config_module.read(path)
+            new = config_module.from_text(text, resolved)
         except ConfigError as exc:
             return self._refused(trigger, exc.errors)
+        if self.group is not None:
+            errors = await self.group.swap(text)
+            if errors:
+                return self._refused(trigger, errors)
+        return self.take(new, trigger)
+
+    def take(self, new: Config, trigger: str) -> ReloadResult:
+        """Put a validated config in force (a worker takes its supervisor's this way)."""
+        runtime = self.runtime
         restart = tuple(name for name, get in RESTART_ONLY if get(new) != get(runtime.config))
         if restart:
             log.warning("config reload (%s): %s changed; that takes effect only after a restart",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
@@ -31,6 +31,15 @@ def upstream_of(config: Config) -> Upstream:
     )
 
 
+class Workers(Protocol):
+    """A supervisor's workers (proxy.workers.Group), as the admin port asks them."""
+
+    async def gather(self) -> list[dict[str, Any]]:
+        """Each worker's {"pid", "stats": Stats.dump(), "metrics": Metrics.dump()}."""
+
+    async def reset_stats(self) -> None: ...
+
+
 @dataclass(slots=True)
 class Runtime:
     config: Config
@@ -46,11 +55,12 @@ class Runtime:
     loaded_at: float = field(default_factory=time.time)
     last_error: str | None = None
     reloader: Any = None  # proxy.reload.Reloader, set by the composition root
+    workers: Workers | None = None  # set in a supervisor: the admin port shows the sum over them
 
     def __post_init__(self) -> None:
         self.upstream = upstream_of(self.config)
-        health = self.limiter.health
-        self.metrics = Metrics(storage_errors=lambda: health.errors, storage_healthy=lambda: health.healthy)
+        limiter = self.limiter
+        self.metrics = Metrics(storage_errors=lambda: limiter.errors, storage_healthy=lambda: limiter.healthy)
         if self.access_log is None:
             self.access_log = AccessLog(self.config.log_format)
         self.observers = [self.stats.observe, self.metrics.observe, self.access_log]

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -22,6 +26,8 @@ from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, HttpProcessing
 
 from .aiohttp_private import GuardedAppRunner, GuardedServer, requests_in_progress
 from .problems import problem
+
+log = logging.getLogger("tollgate")
 
 HEADER_TIMEOUT = 10.0  # seconds; nginx's client_header_timeout defaults to 60
 CANCEL_GRACE = 0.5  # of the drain budget: for requests still running at its end to be cut and logged
@@ -72,10 +78,11 @@ def hostport(host: str, port: int) -> str:
 @contextlib.asynccontextmanager
 async def listen(
     app: web.Application, host: str, port: int, what: str, *, shutdown_timeout: float,
-    keepalive_timeout: float = 75.0, header_timeout: float = HEADER_TIMEOUT,
+    keepalive_timeout: float = 75.0, header_timeout: float = HEADER_TIMEOUT, reuse_port: bool = False,
 ) -> AsyncIterator[int]:
     """Serve `app`, yielding the bound port; on exit close the listener at once,
-    then drain in-flight requests up to `shutdown_timeout`."""
+    then drain in-flight requests up to `shutdown_timeout`. `reuse_port`: workers
+    each bind the port (SO_REUSEPORT) and the kernel spreads connections over them."""
     settings: dict[str, Any] = {"access_log": None, "keepalive_timeout": keepalive_timeout,
                                 "header_timeout": header_timeout, "refused": parse_error_answer}
     # aiohttp's own shutdown waits up to its timeout twice (for the handlers, then
@@ -92,7 +99,7 @@ async def listen(
                                   shutdown_timeout=grace / 2)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
         try:
             await site.start()
         except OSError as exc:
@@ -106,6 +113,24 @@ async def listen(
         await runner.cleanup()
         if serve is not None:
             await app.cleanup()
+
+
+def stop_event(shutdown_timeout: float, *signums: signal.Signals) -> asyncio.Event:
+    """Set on the first of `signums`; a second one exits at once with status 1."""
+    stop = asyncio.Event()
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set():
+            # straight to stderr: os._exit skips the logging thread's last flush
+            print(f"tollgate: second {signum.name}: exiting now", file=sys.stderr, flush=True)
+            os._exit(1)
+        log.info("%s: stopping (draining up to %gs)", signum.name, shutdown_timeout)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for signum in signums:
+        loop.add_signal_handler(signum, on_signal, signum)
+    return stop
 
 
 async def _drain(runner: web.BaseRunner, budget: float, *,

@@ -57,19 +57,33 @@ class LatencyWindow:
         """Count one latency; `now` saves a clock read when the caller has one."""
         slot_id = int(self._clock() if now is None else now) // LATENCY_SLOT_SECONDS
         if slot_id != self._current_id:  # once per 10 s
-            i = slot_id % LATENCY_SLOTS
-            if self._slot_ids[i] != slot_id:
-                self._slots[i] = [0] * BUCKETS
-                self._slot_ids[i] = slot_id
-            self._current_id, self._current = slot_id, self._slots[i]
+            self._open(slot_id)
         self._current[bucket_of(seconds)] += 1
 
-    def percentiles(self, *qs: float) -> dict[str, float | None]:
+    def _open(self, slot_id: int) -> None:
+        i = slot_id % LATENCY_SLOTS
+        if self._slot_ids[i] != slot_id:
+            self._slots[i] = [0] * BUCKETS
+            self._slot_ids[i] = slot_id
+        self._current_id, self._current = slot_id, self._slots[i]
+
+    def recent(self) -> list[int]:
+        """The last minute's counts per bucket."""
         current = int(self._clock()) // LATENCY_SLOT_SECONDS
         merged = [0] * BUCKETS
         for slot_id, counts in zip(self._slot_ids, self._slots):
             if current - slot_id < LATENCY_SLOTS:
                 merged = [a + b for a, b in zip(merged, counts)]
+        return merged
+
+    def add_counts(self, counts: dict[int, int]) -> None:
+        """Add another window's recent counts (by bucket) to the current slot."""
+        self._open(int(self._clock()) // LATENCY_SLOT_SECONDS)
+        for bucket, count in counts.items():
+            self._current[bucket] += count
+
+    def percentiles(self, *qs: float) -> dict[str, float | None]:
+        merged = self.recent()
         total = sum(merged)
         out: dict[str, float | None] = {}
         for q in qs:
@@ -196,6 +210,46 @@ class Stats:
         ]
         points.sort(key=lambda p: p["t"])
         return points
+
+    def dump(self) -> dict[str, Any]:
+        """The summable counts, as JSON, for a supervisor to merge (`merged`)."""
+        self.timeline_points()  # closes the second that ended
+        timeline = [*self.timeline, [self._second, self.totals["allowed"] - self._base[0],
+                                     self.totals["blocked"] - self._base[1]]]
+        return {
+            "totals": self.totals,
+            "tiers": {name: [c.allowed, c.blocked] for name, c in self.tiers.items()},
+            "clients": {cid: [c.tier, c.identity, c.allowed, c.blocked] for cid, c in self.clients.items()},
+            "timeline": [slot for slot in timeline if slot[0] >= 0 and (slot[1] or slot[2])],
+            "latency": {name: {i: n for i, n in enumerate(window.recent()) if n}
+                        for name, window in (("proxy", self.proxy_latency), ("upstream", self.upstream_latency))},
+        }
+
+    @classmethod
+    def merged(cls, dumps: list[dict[str, Any]], *, clock: Callable[[], float], started: float) -> Stats:
+        """One Stats summing other processes' `dump`s: its snapshot has the single-process shape."""
+        out = cls(clock=clock, started=started)
+        out._second = int(clock())
+        seconds: dict[int, list[int]] = {}
+        for dump in dumps:
+            for key, count in dump["totals"].items():
+                out.totals[key] = out.totals.get(key, 0) + count
+            for name, (allowed, blocked) in dump["tiers"].items():
+                tier = out.tiers.setdefault(name, Counts())
+                tier.allowed, tier.blocked = tier.allowed + allowed, tier.blocked + blocked
+            for cid, (tier_name, identity, allowed, blocked) in dump["clients"].items():
+                client = out.clients.setdefault(cid, ClientCounts(tier=tier_name, identity=identity))
+                client.allowed, client.blocked = client.allowed + allowed, client.blocked + blocked
+            for second, allowed, blocked in dump["timeline"]:
+                slot = seconds.setdefault(second, [second, 0, 0])
+                slot[1], slot[2] = slot[1] + allowed, slot[2] + blocked
+            for name, window in (("proxy", out.proxy_latency), ("upstream", out.upstream_latency)):
+                window.add_counts({int(i): n for i, n in dump["latency"][name].items()})
+        now = seconds.pop(out._second, [out._second, 0, 0])
+        for slot in seconds.values():
+            out.timeline[slot[0] % TIMELINE_SECONDS] = slot
+        out._base = (out.totals["allowed"] - now[1], out.totals["blocked"] - now[2])
+        return out
 
     def snapshot(self) -> dict[str, Any]:
         """Everything but what needs the store or the config (see admin.stats_body)."""

@@ -60,7 +60,8 @@ async def test_counters_equal_what_was_sent(upstream, fake_clock):
     assert [c["id"] for c in stats["top_blocked"]] == ["demo-free"]
     assert sum(p["allowed"] for p in stats["timeline"]) == 4
     assert sum(p["blocked"] for p in stats["timeline"]) == 2
-    assert stats["storage"] == {"backend": "memory", "healthy": True, "on_error": "allow", "last_error": None}
+    assert stats["storage"] == {"backend": "memory", "healthy": True, "on_error": "allow", "last_error": None,
+                                "down": []}
     assert stats["config"]["version"] == 1 and stats["config"]["last_error"] is None
 
 

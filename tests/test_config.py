@@ -10,6 +10,7 @@ means (defaults, tiers, key hashes, policy headers, limit identity) and what
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,14 @@ CASES = [
     case("server.port-range", "server: {port: 70000}", "server.port: must be a port number 0-65535, got 70000"),
     case("server.port-string", 'server: {port: "80"}', 'server.port: must be a port number 0-65535, got "80"'),
     case("server.port-bool", "server: {port: yes}", "server.port: must be a port number 0-65535, got true"),
+    case("server.workers-zero", "server: {workers: 0}", 'server.workers: must be an integer >= 1 or "auto", got 0'),
+    case("server.workers-text", "server: {workers: many}",
+         'server.workers: must be an integer >= 1 or "auto", got "many"'),
+    case("server.workers-memory", "server: {workers: 2}",
+         "server.workers: more than one worker needs storage.backend: redis (memory state is per process), got 2"),
+    case("server.workers-port-0", "server: {workers: 2, port: 0}\nstorage: {backend: redis}",
+         "server.workers: more than one worker needs a fixed server.port (with 0 each worker would get a port "
+         "of its own), got 2"),
     case("server.shutdown_timeout", "server: {shutdown_timeout: -1}",
          "server.shutdown_timeout: must be a number >= 0, got -1"),
     case("server.shutdown_timeout-text", "server: {shutdown_timeout: 10s}",
@@ -398,7 +407,7 @@ CASES = [
     # --- file-level -----------------------------------------------------------
     case("unknown-top-level", "servre: {port: 80}", f"servre: unknown key (known: {TOP_KNOWN})"),
     case("typo-nested-server", "server: {prot: 80}",
-         "server.prot: unknown key (known: host, keepalive_timeout, max_body_size, port, shutdown_timeout)"),
+         "server.prot: unknown key (known: host, keepalive_timeout, max_body_size, port, shutdown_timeout, workers)"),
     case("typo-nested-storage", "storage: {on_eror: deny}",
          "storage.on_eror: unknown key (known: backend, cluster, key_prefix, on_error, timeout, url)"),
     case("typo-nested-log", "log: {fromat: json}", "log.fromat: unknown key (known: format)"),
@@ -734,3 +743,11 @@ def test_check_missing_file(tmp_path: Path) -> None:
 def test_check_shipped_config() -> None:
     result = check("--config", "config.yaml")
     assert (result.returncode, result.stdout, result.stderr) == (0, "config OK\n", "")
+
+
+def test_server_workers_reads_a_count_or_auto():
+    redis = "storage: {backend: redis}\n"
+    assert config.from_text("server: {}\n").server.workers == 1
+    assert config.from_text("server: {workers: 3}\n" + redis).server.workers == 3
+    assert config.from_text("server: {workers: auto}\n" + redis).server.workers == (os.cpu_count() or 1)
+    assert config.from_text("server: {workers: 1}\nstorage: {backend: memory}\n").server.workers == 1

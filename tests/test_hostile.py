@@ -172,9 +172,9 @@ async def test_fds_and_rss_stay_flat_over_an_abuse_loop(run_process, tmp_path, u
     await round_of(500)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
-    while served_connections(port) and loop.time() < deadline:  # every abusive connection closed
+    while served_connections(port, proc.pid) and loop.time() < deadline:  # every abusive connection closed
         await asyncio.sleep(0.1)
-    assert served_connections(port) == 0
+    assert served_connections(port, proc.pid) == 0
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://127.0.0.1:{port}/users") as resp:
             assert resp.status == 200, proc.stderr_text()[-3000:]  # and the proxy still serves
@@ -187,13 +187,23 @@ async def test_fds_and_rss_stay_flat_over_an_abuse_loop(run_process, tmp_path, u
     assert proc.terminate() == 0
 
 
-def served_connections(port: int) -> int:
-    """ESTABLISHED TCP sockets whose local port is `port` (the server's side)."""
+def served_connections(port: int, pid: int) -> int:
+    """ESTABLISHED TCP sockets of process `pid` whose local port is `port` (the
+    server's side); only its own, as another process's client socket may hold
+    the same number as its ephemeral port."""
+    owned = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            owned.add(target[8:-1])
     count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in owned:
                 count += 1
     return count
 
@@ -217,12 +227,12 @@ async def test_idle_keepalive_connections_are_cheap_and_closed_after_timeout(run
             writers.append(writer)
         await asyncio.gather(*(one() for _ in range(100)))
     _, rss_open = proc_numbers(proc.pid)
-    assert served_connections(port) == 1000  # all held open, idle
+    assert served_connections(port, proc.pid) == 1000  # all held open, idle
     per_connection = (rss_open - rss_before) * 1024 / 1000
     assert per_connection < 64 * 1024, f"{per_connection:.0f} bytes per idle connection"
     loop = asyncio.get_running_loop()
     start = loop.time()
-    while served_connections(port) > 0:  # closed by the server after 3 s idle
+    while served_connections(port, proc.pid) > 0:  # closed by the server after 3 s idle
         assert loop.time() - start < 8, "idle keep-alive connections were not closed"
         await asyncio.sleep(0.1)
     assert loop.time() - start >= 0.5

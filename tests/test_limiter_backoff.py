@@ -8,8 +8,9 @@ itself (tests/test_redis_store.py covers a real Redis that dies and hangs).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Hashable, Sequence
 
+import pytest
 from helpers import FakeClock
 
 from proxy.config import from_text
@@ -118,3 +119,57 @@ async def test_a_cancelled_probe_lets_the_next_request_probe(fake_clock: FakeClo
     probe.cancel()  # the client went away mid-probe
     await settle()
     assert limiter.decide_now(TIER.limit_set, ("a",), 1) is None  # the next request probes
+
+
+class TwoShardStore(GatedStore):
+    """Clients "a…" live on shard "A", the others on "B"; `serving` is the layout."""
+
+    sharded = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.serving = {"A", "B"}
+
+    def shard_of(self, subject: str) -> Hashable:
+        return "A" if subject.startswith("a") else "B"
+
+    def shards(self) -> Collection[Hashable]:
+        return self.serving
+
+
+async def test_a_failed_shard_backs_off_alone(fake_clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    store = TwoShardStore()
+    limiter = Limiter(store, on_error="deny", clock=fake_clock)
+    first = asyncio.ensure_future(limiter.decide(TIER.limit_set, ("a1",), 1))
+    await settle()
+    store.fail_all()
+    assert (await first)[0].unavailable
+    assert limiter.decide_now(TIER.limit_set, ("a2",), 1)[0].unavailable  # shard A backs off
+    assert limiter.decide_now(TIER.limit_set, ("b1",), 1) is None  # shard B is asked as ever
+    assert list(limiter.failed_shards()) == ["A"] and limiter.ready and not limiter.healthy
+    assert not limiter.healthy_for("a3") and limiter.healthy_for("b3")
+    other = asyncio.ensure_future(limiter.decide(TIER.limit_set, ("b1",), 1))
+    await settle()
+    store.answer_all()
+    assert (await other)[0].allowed
+    fake_clock.advance(BACKOFF_START)
+    probe = asyncio.ensure_future(limiter.decide(TIER.limit_set, ("a2",), 1))
+    await settle()
+    store.answer_all()
+    assert (await probe)[0].allowed and limiter.healthy
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable (node A)" in m for m in messages) == 1
+    assert sum("(node A) is back" in m for m in messages) == 1
+
+
+async def test_a_shard_that_left_is_forgotten(fake_clock: FakeClock) -> None:
+    """A failed-over node serves no slot any more: nothing would probe it again."""
+    store = TwoShardStore()
+    limiter = Limiter(store, on_error="deny", clock=fake_clock)
+    calls = [asyncio.ensure_future(limiter.decide(TIER.limit_set, (c,), 1)) for c in ("a1", "b1")]
+    await settle()
+    store.fail_all()
+    await asyncio.gather(*calls)
+    assert set(limiter.failed_shards()) == {"A", "B"} and not limiter.ready  # deny, and nothing serves
+    store.serving = {"B", "C"}  # A's slots moved to its replica C
+    assert list(limiter.failed_shards()) == ["B"] and limiter.ready  # C serves A's clients

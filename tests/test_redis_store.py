@@ -266,6 +266,7 @@ async def test_killed_redis_fails_fast_then_recovers(make_store: StoreFactory, r
 
 async def test_hung_redis_times_out_then_recovers(make_store: StoreFactory, redis_server: RedisServer) -> None:
     store = make_store(timeout=0.2)
+    await store.warm()  # learns Redis's clock: decisions carry a deadline
     await store.acquire(["a:203.0.113.9"] * len(FOUR), FOUR, 1)
     redis_server.stop()
     try:
@@ -276,10 +277,10 @@ async def test_hung_redis_times_out_then_recovers(make_store: StoreFactory, redi
             assert time.monotonic() - started < 0.2 + 0.3
     finally:
         redis_server.cont()
-    # A script already sent when the client gave up still runs once Redis
-    # resumes (nothing can take it back), so up to two more tokens are gone.
+    # The scripts sent before the client gave up run once Redis resumes, past
+    # their deadline: they charge nothing.
     [bucket, *_] = await store.acquire(["a:203.0.113.9"] * len(FOUR), FOUR, 1)
-    assert bucket.allowed and 6 <= bucket.remaining <= 8
+    assert bucket.allowed and bucket.remaining == 8
     assert (await store.acquire(["c:after"] * len(FOUR), FOUR, 1))[0].remaining == 9
 
 
@@ -347,7 +348,7 @@ async def test_packed_decisions_never_cross_clients_costs_modes_or_tiers(
     # A reload's new limits may get the id() of freed old ones: the bytes kept
     # under that id must not be sent for them.
     reloaded = [limit(TokenBucket(20, 0.001), "tb2")]
-    store._commands[("acquire", "k:a", id(reloaded), 1)] = (tier, store._evalsha("acquire", ["k:a"], tier, 1, ""))
+    store._commands[("acquire", "k:a", id(reloaded), 1)] = (tier, *store._pack_around_deadline("acquire", ["k:a"], tier, 1))
     assert await remaining("k:a", reloaded) == 19
 
 
@@ -405,13 +406,14 @@ async def _burst_during_the_handshake(server: RedisServer) -> None:
 
 
 @pytest.mark.parametrize(("argv", "error"), [
-    (["acquire", "", "1", "", "zz", "1", "1", "0"], "unknown algorithm zz"),
-    (["acquire", "", "1", "", "tb", "5", "1", "0", "qq", "1", "1", "0"], "unknown algorithm qq"),  # after a known one
-    (["charge", "", "1", "", "tb", "5", "1", "0"], "unknown mode charge"),
+    (["acquire", "", "1", "", "0", "zz", "1", "1", "0"], "unknown algorithm zz"),
+    (["acquire", "", "1", "", "0", "tb", "5", "1", "0", "qq", "1", "1", "0"], "unknown algorithm qq"),  # after a known one
+    (["charge", "", "1", "", "0", "tb", "5", "1", "0"], "unknown mode charge"),
+    (["acquire", "1000001", "1", "", "1000000", "tb", "5", "1", "0"], "^LATE 1000001$"),  # past its deadline
 ])
 def test_the_script_names_what_it_cannot_run(redis_server: RedisServer, argv: list[str], error: str) -> None:
     source = resources.files("proxy.limits").joinpath("lua/acquire.lua").read_text()
-    keys = ["t:{x}:a", "t:{x}:b"][: (len(argv) - 4) // 4]
+    keys = ["t:{x}:a", "t:{x}:b"][: (len(argv) - 5) // 4]
     with pytest.raises(RedisReplyError, match=error):
         redis_command(redis_server.port, "EVAL", source, str(len(keys)), *keys, *argv)
     assert redis_command(redis_server.port, "EXISTS", *keys) == 0  # nothing written

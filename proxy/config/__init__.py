@@ -7,7 +7,7 @@ Everything else imports from here; the submodules are the homes of new keys.
 from ..masking import mask_url
 from ..routes import Route, RouteTable
 from .checks import show
-from .load import build, from_text, load, parse_yaml
+from .load import build, from_text, load, parse_yaml, read
 from .model import (
     AdminConfig,
     ApiKey,
@@ -47,5 +47,6 @@ __all__ = [
     "mask_url",
     "parse_yaml",
     "policy_item",
+    "read",
     "show",
 ]

@@ -85,15 +85,20 @@ def build(tree: Any, path: str | None = None, *, errors: list[str] | None = None
     return Config(tiers=tiers, api_keys=api_keys, routes=routes, path=path, **sections)
 
 
-def load(path: str | Path) -> Config:
-    """Read, parse and validate a config file; ConfigError says why it cannot be used."""
+def read(path: str | Path) -> tuple[str, str]:
+    """A config file's text and resolved path; ConfigError when it cannot be read."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}"]) from None
-    return from_text(text, str(Path(path).resolve()))
+    return text, str(Path(path).resolve())
+
+
+def load(path: str | Path) -> Config:
+    """Read, parse and validate a config file; ConfigError says why it cannot be used."""
+    return from_text(*read(path))
 
 
 def from_text(text: str, path: str | None = None) -> Config:

@@ -28,6 +28,7 @@ class ServerConfig:
     shutdown_timeout: float = 10.0
     max_body_size: int | None = None
     keepalive_timeout: float = 75.0
+    workers: int = 1  # processes serving the proxy port ("auto" is read as os.cpu_count())
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ def read_sections(ck: Checker, raw: dict[str, Any]) -> dict[str, Any]:
         "shutdown_timeout": read_positive(ck, minimum=0, exclusive=False),
         "max_body_size": read_positive(ck, minimum=0, exclusive=False, integer=True, nullable=True),
         "keepalive_timeout": read_positive(ck, minimum=0, exclusive=False),
+        "workers": lambda p, v, d: read_workers(ck, p, v, d),
     })
     admin = read_section(ck, raw, "admin", AdminConfig, {
         "host": read_host(ck), "port": ck.port,
@@ -54,6 +56,12 @@ def read_sections(ck: Checker, raw: dict[str, Any]) -> dict[str, Any]:
         if parts.scheme == "unix" or parts.path.strip("/") not in ("", "0"):
             ck.error("storage.url", "a Redis Cluster has only database 0 and is reached over TCP",
                      mask_url(storage.url))
+    if server.workers > 1 and storage.backend == "memory":
+        ck.error("server.workers", "more than one worker needs storage.backend: redis "
+                 "(memory state is per process)", server.workers)
+    if server.workers > 1 and server.port == 0:
+        ck.error("server.workers", "more than one worker needs a fixed server.port "
+                 "(with 0 each worker would get a port of its own)", server.workers)
     clients = read_section(ck, raw, "clients", ClientsConfig, {
         "api_key_header": lambda p, v, d: ck.string(p, v, d, pattern=HEADER_NAME_RE, what="an HTTP header name"),
         "unknown_key": lambda p, v, d: ck.choice(p, v, d, ("reject", "anonymous")),
@@ -68,3 +76,13 @@ def read_sections(ck: Checker, raw: dict[str, Any]) -> dict[str, Any]:
     log_format = ck.choice("log.format", log["format"], "text", ("text", "json")) if "format" in log else "text"
     return {"server": server, "admin": admin, "upstream": upstream, "storage": storage,
             "clients": clients, "log_format": log_format}
+
+
+def read_workers(ck: Checker, path: str, value: Any, default: int) -> int:
+    """server.workers: a count, or "auto" for one per core."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        ck.error(path, 'must be an integer >= 1 or "auto"', value)
+        return default
+    return value

@@ -12,10 +12,6 @@ never appears in Redis, and the hash tag puts all the limits of one subject
 in one Cluster slot, which a multi-key script requires. Every key expires
 when its state is fresh again, so Redis memory follows recent traffic.
 
-A decision over subjects in several Cluster slots (a `per: global` route
-limit beside a client's tier limits) cannot be one script there: see
-`_decide_cluster`.
-
 This module only stores: any Redis failure becomes `StorageUnavailable`, and
 `proxy.limiter` decides what a request gets then (`storage.on_error`) and
 when to try again. That is why redis-py's own retries are off here.
@@ -26,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Hashable, Sequence
 from importlib import resources
 from math import ldexp
 from typing import Any, Final, TypeVar
@@ -37,7 +33,8 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisClusterException, RedisError
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError, ResponseError, SlotNotCoveredError
 
 from ..bounded import keep
 from ..config import StorageConfig, mask_url
@@ -51,8 +48,9 @@ from .algorithms import (
     new_tuple,
     to_micros,
 )
+from .deadline import NO_DEADLINE, ServerClock, deadline_us
 from .redis_pipe import RedisPipe
-from .store import Clock, Limit, StorageUnavailable, Store
+from .store import WHOLE, Clock, Limit, StorageUnavailable, Store
 
 # Commands in flight at once; also each pool's size, so the pool never runs out
 # (redis-py raises rather than waits when it does). Enough to pipeline a busy
@@ -89,8 +87,10 @@ class RedisStore(Store):
         self._timeout = timeout  # a call's bound when its caller names none
         self._pipe = None if isinstance(client, RedisCluster) else RedisPipe(
             url, connect_timeout=timeout or 1.0, describe=mask_url(url))
+        self.sharded = self._pipe is None
         self._limit_args: dict[int, tuple[Sequence[Limit], list[str]]] = {}
-        self._commands: dict[tuple[Any, ...], tuple[Sequence[Limit], bytes]] = {}
+        self._commands: dict[tuple[Any, ...], tuple[Sequence[Limit], bytes, bytes]] = {}
+        self._server_clock = ServerClock(self._server_time)
 
     @classmethod
     def from_config(cls, storage: StorageConfig, *, clock: Clock | None = None) -> RedisStore:
@@ -113,6 +113,20 @@ class RedisStore(Store):
             client = Redis.from_url(storage.url, **options)
         return cls(client, url=storage.url, key_prefix=storage.key_prefix, clock=clock,
                    timeout=storage.timeout)
+
+    def shard_of(self, subject: str) -> Hashable:
+        """A Cluster's node serving the slot of `subject`'s hash tag now (its
+        "host:port"); WHOLE until the client has learned the slot map."""
+        try:
+            return self._client.nodes_manager.get_node_from_slot(_slot(subject)).name  # type: ignore[union-attr]
+        except SlotNotCoveredError:
+            return WHOLE
+
+    def shards(self) -> Collection[Hashable]:
+        if not self.sharded:
+            return (WHOLE,)
+        primaries = self._client.get_primaries()  # type: ignore[union-attr]
+        return {node.name for node in primaries} or (WHOLE,)
 
     def key(self, subject: str, limit: Limit) -> str:
         """The Redis key of `subject`'s state in `limit`."""
@@ -163,8 +177,21 @@ class RedisStore(Store):
                 await asyncio.gather(*(self.ping() for _ in range(connections)))
                 if self._pipe is not None:
                     await self._pipe.connect()
+                if self._clock is None:
+                    await self._server_clock.learn()
         except TimeoutError as exc:
             raise StorageUnavailable(f"cannot use {mask_url(self._url)} (no answer within {within:g}s)") from exc
+
+    async def _server_time(self) -> float:
+        """Redis's `TIME` in seconds, for the deadlines (deadline.py)."""
+        if self._pipe is not None:
+            reply = await self._pipe.call("TIME", timeout=self._timeout)
+            if isinstance(reply, hiredis.ReplyError):
+                raise StorageUnavailable(self._describe(reply))
+            seconds, micros = reply
+        else:
+            seconds, micros = await self._call(self._client.time)
+        return int(seconds) + int(micros) / 1e6
 
     async def close(self) -> None:
         if self._pipe is not None:
@@ -177,11 +204,23 @@ class RedisStore(Store):
             return []
         if timeout is None:
             timeout = self._timeout
+        deadline = NO_DEADLINE  # a peek charges nothing: it needs none
+        if mode == "acquire" and timeout is not None:
+            deadline = (self._server_clock.deadline(timeout) if self._clock is None
+                        else deadline_us(self._clock(), timeout, 0.0))
         if self._pipe is None:
-            return await self._decide_cluster(mode, subjects, limits, cost, timeout, ticket)
+            keys, args = self._keys_and_args(mode, subjects, limits, cost, ticket, deadline)
+            try:
+                async with asyncio.timeout(timeout):
+                    reply = await self._call(lambda: self._script(keys=keys, args=args))
+            except StorageUnavailable as exc:
+                if isinstance(exc.__cause__, ResponseError):
+                    self._check_late(str(exc.__cause__))
+                raise
+            return parse_reply(reply)
         # The hot path: straight to the pipe, no coroutine in between.
         pipe = self._pipe
-        command = self._evalsha(mode, subjects, limits, cost, ticket)
+        command = self._evalsha(mode, subjects, limits, cost, ticket, deadline)
         try:
             reply = await pipe.send(command, timeout=timeout)
             if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
@@ -192,54 +231,69 @@ class RedisStore(Store):
             raise StorageUnavailable(f"cannot use {mask_url(self._url)} (Timeout: no reply within "
                                      f"{timeout:g}s)") from None
         if isinstance(reply, hiredis.ReplyError):
+            self._check_late(str(reply))
             raise StorageUnavailable(self._describe(reply))
         return parse_reply(reply)
 
-    async def _decide_cluster(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit], cost: int,
-                              timeout: float | None, ticket: str) -> list[Outcome]:
-        """A Cluster decision. Keys of one subject share a slot; a decision
-        over several subjects whose slots differ cannot be one script, so it
-        is refused rather than made inexact (config validation keeps such
-        limit sets off a Cluster: see proxy.config's storage checks)."""
-        keys, args = self._keys_and_args(mode, subjects, limits, cost, ticket)
-        async with asyncio.timeout(timeout):
-            reply = await self._call(lambda: self._script(keys=keys, args=args))
-        return parse_reply(reply)
+    def _check_late(self, error: str) -> None:
+        """A decision that ran past its deadline ("LATE <now>") charged nothing;
+        its caller was still waiting, so the offset was too high: take the
+        server's `now` as a new lower bound."""
+        if not error.startswith("LATE "):
+            return
+        if self._clock is None:
+            self._server_clock.observed(int(error[5:]) / 1e6)
+        raise StorageUnavailable(f"cannot use {mask_url(self._url)} (the decision reached Redis after "
+                                 "its deadline and was not applied)")
 
     def _keys_and_args(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit],
-                       cost: int, ticket: str) -> tuple[list[str], list[str]]:
+                       cost: int, ticket: str, deadline: int) -> tuple[list[str], list[str]]:
         """acquire.lua's KEYS and ARGV for one decision."""
         now = "" if self._clock is None else str(to_micros(self._clock()))
         if len(limits) == 1:  # the common tier, without a comprehension (a call in Python 3.11)
             keys = [self.key(subjects[0], limits[0])]
         else:
             keys = [self.key(subject, limit) for subject, limit in zip(subjects, limits)]
-        return keys, [mode, now, str(cost), ticket, *self._args_of(limits)]
+        return keys, [mode, now, str(cost), ticket, f"{deadline:017d}", *self._args_of(limits)]
 
-    def _evalsha(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit], cost: int,
-                 ticket: str) -> bytes:
+    def _evalsha(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit], cost: int, ticket: str,
+                 deadline: int) -> bytes:
         """The decision's EVALSHA, packed for the pipe.
 
-        Where Redis reads its own clock (no `clock` given) nothing in it changes
-        from one request of a client to the next, so it is packed once per
-        (mode, client, tier's limits, cost) and kept: building the keys, the
-        arguments and the bytes was 20k of a request's 360k instructions
-        (bench/instructions.py).
+        Where Redis reads its own clock (no `clock` given) nothing in it but the
+        deadline changes from one request of a client to the next, so it is
+        packed once per (mode, client, tier's limits, cost) and kept as the
+        bytes before and after the deadline, a fixed-width argument: building
+        the keys, the arguments and the bytes was 20k of a request's 360k
+        instructions (bench/instructions.py).
         """
         if self._clock is not None or ticket:  # the time or the ticket is an argument: new bytes every call
-            return self._pack(mode, subjects, limits, cost, ticket)
+            return self._pack(mode, subjects, limits, cost, ticket, deadline)
         slot = (mode, subjects[0] if len(subjects) == 1 else tuple(subjects), id(limits), cost)
         cached = self._commands.get(slot)
         if cached is None or cached[0] is not limits:  # id() reused after a reload: not ours
-            cached = keep(self._commands, slot, (limits, self._pack(mode, subjects, limits, cost, ticket)),
+            cached = keep(self._commands, slot, (limits, *self._pack_around_deadline(mode, subjects, limits, cost)),
                           MAX_COMMANDS)
-        return cached[1]
+        return cached[1] + b"%017d" % deadline + cached[2]
 
-    def _pack(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit], cost: int, ticket: str) -> bytes:
-        keys, args = self._keys_and_args(mode, subjects, limits, cost, ticket)
+    def _pack(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit], cost: int, ticket: str,
+              deadline: int) -> bytes:
+        keys, args = self._keys_and_args(mode, subjects, limits, cost, ticket, deadline)
         command: tuple[Any, ...] = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
         packed: bytes = hiredis.pack_command(command)
         return packed
+
+    def _pack_around_deadline(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit],
+                              cost: int) -> tuple[bytes, bytes]:
+        """The packed EVALSHA split where its 17 deadline digits go (no ticket)."""
+        keys, args = self._keys_and_args(mode, subjects, limits, cost, "", NO_DEADLINE)
+        before: tuple[Any, ...] = ("EVALSHA", self._script.sha, len(keys), *keys, *args[:4])
+        packed: bytes = hiredis.pack_command((*before, *args[4:]))
+        # `before` packed alone, its "*<count>" header swapped for the whole command's, then "$17"
+        alone = hiredis.pack_command(before)
+        head = len(alone) - len(b"*%d\r\n" % len(before)) + len(b"*%d\r\n" % (len(before) + len(args) - 4))
+        head += len(b"$17\r\n")
+        return packed[:head], packed[head + 17:]
 
     def _args_of(self, limits: Sequence[Limit]) -> list[str]:
         """The script's per-limit arguments, built once per tier's limits."""
@@ -267,6 +321,12 @@ class RedisStore(Store):
         if password:  # redis-py never puts it in a message, but be sure
             reason = reason.replace(password, "***").replace(unquote(password), "***")
         return f"cannot use {mask_url(self._url)} ({reason})"
+
+
+@functools.lru_cache(maxsize=65536)
+def _slot(identity: str) -> int:
+    """The Cluster slot of `identity`'s keys: their hash tag's."""
+    return key_slot(_digest(identity).encode())
 
 
 @functools.lru_cache(maxsize=65536)

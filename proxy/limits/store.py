@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from .algorithms import Algorithm, Outcome
 
@@ -18,6 +18,10 @@ Clock = Callable[[], float]  # seconds since the Unix epoch, as time.time()
 
 
 wall_clock: Clock = time.time  # the real clock (the default); tests inject a fake
+
+WHOLE: Final = "*"
+"""The one shard of a store that is not sharded, and of a sharded one whose
+layout is not known yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,17 @@ class Store(ABC):
     """State of every (client, limit); `acquire` is all-or-nothing across limits."""
 
     backend: ClassVar[str]
+    sharded: bool = False  # True: shard_of() tells nodes apart, each failing on its own
+
+    def shard_of(self, identity: str) -> Hashable:
+        """Where `identity`'s state lives: the unit that fails and recovers as
+        one (a Redis Cluster node). Called only when `sharded`."""
+        return WHOLE
+
+    def shards(self) -> Collection[Hashable]:
+        """The shards serving now; a failed shard that left (a failed-over
+        Cluster master) no longer counts against the store's health."""
+        return (WHOLE,)
 
     @abstractmethod
     async def acquire(self, subjects: Sequence[str], limits: Sequence[Limit], cost: int,

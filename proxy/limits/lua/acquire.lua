@@ -12,7 +12,10 @@
 -- ARGV[2]  now in integer microseconds, or "" for the server clock (TIME)
 -- ARGV[3]  cost (ignored by peek)
 -- ARGV[4]  the request's ticket: the member naming its concurrency slots
--- ARGV[5 + 4(i-1) ..]  limit i: algorithm short code, its two parameters, and
+-- ARGV[5]  deadline in integer microseconds on the same clock as now, 0 for none:
+--          an acquire that runs later (its caller gave up) writes nothing and
+--          returns the error "LATE <now>"
+-- ARGV[6 + 4(i-1) ..]  limit i: algorithm short code, its two parameters, and
 --   "1" for a shadow limit (never refuses; charged only when it allows), else "0"
 --   tb: capacity, refill_rate   sw: limit, window_us
 --   fw: limit, window_us        lb: rate, queue
@@ -372,10 +375,14 @@ else
 end
 local cost = tonumber(ARGV[3])
 local ticket = ARGV[4]
+local deadline = tonumber(ARGV[5])
+if mode == 'acquire' and deadline > 0 and now > deadline then
+  return redis.error_reply(string.format('LATE %d', now))
+end
 
 local algs, params, shadow = {}, {}, {}
 for i = 1, #KEYS do
-  local base = 5 + 4 * (i - 1)
+  local base = 6 + 4 * (i - 1)
   local code = ARGV[base]
   local alg = ALGORITHMS[code]
   if alg == nil then
