@@ -16,6 +16,7 @@ import pytest
 from harness import running
 from multidict import CIMultiDict, CIMultiDictProxy
 from recording import port_of, raw_request, recording_upstream
+from test_openapi import Conformance
 
 from proxy import identity
 from proxy.config import from_text
@@ -123,7 +124,9 @@ async def test_deny_comes_first_on_the_walked_address_behind_trusted_proxies(ups
         assert (await tg.get("/users", headers={"X-Forwarded-For": "203.0.113.7, 192.0.2.1"}))[0] == 200
         assert (await tg.get("/health"))[0] == 200
         log = "\n".join(tg.access_lines())
+        status, stats = await Conformance().call(tg, "GET", "/api/stats")  # checked against the OpenAPI document
     assert "client=203.0.113.7" in log and "decision=denied" in log
+    assert status == 200 and stats["totals"]["denied"] == 12
 
 
 async def test_networks_give_anonymous_clients_their_tier_first_match_wins(upstream):
