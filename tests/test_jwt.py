@@ -9,18 +9,22 @@ reload that re-reads (or, broken, refuses) the key file.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from harness import running
+from helpers import free_port
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from multidict import CIMultiDict, CIMultiDictProxy
 from recording import port_of, raw_request
@@ -383,3 +387,28 @@ async def test_the_admin_api_finds_a_jwt_client_under_the_tier_its_token_gave(ke
         async with tg.session.delete(tg.admin_url + "/api/clients/jwt:alice") as resp:
             assert resp.status == 204
         assert await remaining("jwt:alice") == ("silver", 7)
+
+
+async def test_workers_each_load_the_key_file_beside_the_config(run_process, keydir, redis_server):
+    """server.workers: every worker builds the config from the text and the file's path, so
+    key_file resolves beside the config file in each of them."""
+    ports = {"port": free_port(), "admin": free_port(), "mock": free_port()}
+    config = keydir / "workers.yaml"
+    config.write_text(TIERS + f"server: {{host: 127.0.0.1, port: {ports['port']}, workers: 2, shutdown_timeout: 2}}\n"
+                      f"admin: {{host: 127.0.0.1, port: {ports['admin']}}}\n"
+                      f"upstream: {{url: 'http://127.0.0.1:{ports['mock']}', start_mock: true}}\n"
+                      f"storage: {{backend: redis, url: '{redis_server.url}'}}\nclients:\n" + ES_JWT)
+    proc = run_process([sys.executable, "run.py", "--config", str(config)])
+    proc.wait_for_port(ports["admin"], timeout=15)  # once every worker answers
+    good = mint(EC_KEY, "ES256", exp=NOW * 2)
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)  # a connection each: both workers serve
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one(token: str) -> tuple[int, str]:
+            async with session.get(f"http://127.0.0.1:{ports['port']}/users",
+                                   headers={"Authorization": "Bearer " + token}) as resp:
+                return resp.status, resp.headers.get("RateLimit-Policy", "")
+        answers = await asyncio.gather(*(one(good) for _ in range(3)), one("x.y.z"))
+        async with session.get(f"http://127.0.0.1:{ports['admin']}/api/stats") as resp:
+            stats = await resp.json()
+    assert sorted(answers) == [(200, '"token_bucket";q=3;w=3')] * 3 + [(401, "")]
+    assert sum(w["requests"] for w in stats["workers"]) == 4
