@@ -126,6 +126,8 @@ class AccessLog:
                 fields["upstream_error"] = record.upstream_error
             if record.limit:
                 fields["limit"] = record.limit
+            if record.shadow:
+                fields["shadow"] = list(record.shadow)
             line = json.dumps(fields)
         else:
             upstream = "-" if record.upstream_seconds is None else f"{record.upstream_seconds * 1000:.2f}"
@@ -139,6 +141,8 @@ class AccessLog:
                 line += f" upstream_error={record.upstream_error}"
             if record.limit:
                 line += f" limit={record.limit}"
+            if record.shadow:  # limit names are [A-Za-z0-9_-]: no quoting needed
+                line += f" shadow={','.join(record.shadow)}"
         self._lines.append(line)
         if len(self._lines) >= self.MAX_LINES:
             self.flush()

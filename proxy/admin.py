@@ -21,11 +21,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .admin_guard import refuse_foreign
 from .dashboard import setup_dashboard
 from .identity import find_client, visible_ascii
-from .limits.algorithms import Outcome
+from .limit_states import limit_body, limits_body
 from .limits.store import Limit, StorageUnavailable
 from .openapi import document
 from .problems import problem
-from .ratelimit_headers import most_constraining, refusing_limit, whole_seconds
+from .ratelimit_headers import most_constraining, refusing_limit
 from .runtime import RUNTIME, Runtime
 from .selectors import GLOBAL_SUBJECT, hashed
 from .stats import Stats
@@ -96,7 +96,8 @@ def config_body(runtime: Runtime) -> dict[str, Any]:
         "tiers": {
             name: {"unlimited": tier.unlimited,
                    "limits": [{"name": lim.name, "algorithm": lim.algorithm.name,
-                               "policy": f"q={lim.algorithm.capacity};w={lim.algorithm.window}"}
+                               "policy": f"q={lim.algorithm.capacity};w={lim.algorithm.window}",
+                               "per": list(lim.per), "shadow": lim.shadow}
                               for lim in tier.limits]}
             for name, tier in config.tiers.items()
         },
@@ -119,6 +120,7 @@ async def stats_body(runtime: Runtime) -> dict[str, Any]:
                          "allowed": counts.allowed, "blocked": counts.blocked,
                          "remaining": await _remaining(runtime, counts.tier, counts.identity)})
         body[key] = rows
+    body["limits"] = await limits_body(runtime)
     body["storage"] = storage_body(runtime)
     body["config"] = config_body(runtime)
     return body
@@ -178,28 +180,23 @@ async def client_get(request: web.Request) -> web.Response:
         return problem(404, "unknown_client", "No API key has this name, and it is not an IP address.")
     tier = runtime.config.tiers[found[0]]
     address = client_id if found[1].startswith("a:") else ""
-    known = client_subjects(tier.limits, found[1], address)
-    peekable = [(limit, subject) for limit, subject in known if subject is not None]
+    routes = [] if tier.unlimited else [route for route in runtime.config.routes if route.limits]
+    every = [*tier.limits, *(limit for route in routes for limit in route.limits)]
+    peekable = [(limit, subject) for limit, subject in client_subjects(every, found[1], address)
+                if subject is not None]
     try:
         outcomes = (await runtime.limiter.peek([s for _, s in peekable], [limit for limit, _ in peekable])
                     if peekable else [])
     except StorageUnavailable as exc:
         return problem(503, "limiter_unavailable", f"The limit store is unavailable: {exc}")
-    state = {limit.name: o for (limit, _), o in zip(peekable, outcomes)}
-    limits = [limit_body(limit, state.get(limit.name)) for limit in tier.limits]
-    return web.json_response({"id": client_id, "tier": tier.name, "unlimited": tier.unlimited, "limits": limits})
-
-
-def limit_body(limit: Limit, outcome: Outcome | None) -> dict[str, Any]:
-    """A limit as the admin API shows it; `remaining` is null where the
-    subject depends on each request (a header, a query parameter...)."""
-    body: dict[str, Any] = {"name": limit.name, "algorithm": limit.algorithm.name,
-                            "limit": limit.algorithm.capacity, "per": list(limit.per), "shadow": limit.shadow,
-                            "remaining": None if outcome is None else outcome.remaining,
-                            "reset_seconds": None if outcome is None else whole_seconds(outcome.reset)}
-    if limit.concurrent:
-        body["in_flight"] = None if outcome is None else limit.algorithm.capacity - outcome.remaining
-    return body
+    state = {limit.key: o for (limit, _), o in zip(peekable, outcomes)}
+    return web.json_response({
+        "id": client_id, "tier": tier.name, "unlimited": tier.unlimited,
+        "limits": [limit_body(limit, state.get(limit.key)) for limit in tier.limits],
+        "routes": [{"path": route.path, "methods": None if route.methods is None else sorted(route.methods),
+                    "limits": [limit_body(limit, state.get(limit.key)) for limit in route.limits]}
+                   for route in routes],
+    })
 
 
 async def client_delete(request: web.Request) -> web.Response:

@@ -93,7 +93,12 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
 async def _admitted(request: web.BaseRequest, runtime: Runtime, record: RequestRecord, started: float,
                     lines: bytes, delay: float) -> web.StreamResponse:
     if delay > 0:
-        await asyncio.sleep(delay)  # leaky bucket: released in arrival order
+        try:
+            await asyncio.sleep(delay)  # leaky bucket: released in arrival order
+        except asyncio.CancelledError:  # the client left (or the drain ran out) while queued
+            record.status = 499
+            runtime.observe(record, time.perf_counter() - started)
+            raise
         if request.transport is None or request.transport.is_closing():
             record.status = 499  # gave up while queued: nothing to forward
             runtime.observe(record, time.perf_counter() - started)

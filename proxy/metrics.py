@@ -1,7 +1,7 @@
 """Prometheus metrics on a registry of Tollgate's own (one per running app).
 
-Labels are bounded: tier and decision, error kind, reload result; never a
-client id. The per-request series are plain ints and a bucket list, counted on
+Labels are bounded: tier and decision, error kind, reload result, a
+configured limit's name; never a client id. The per-request series are plain ints and a bucket list, counted on
 the event loop (the only writer, so no lock) and rendered by a collector at
 scrape time: prometheus-client's Counter and Histogram take a lock and several
 Python calls per update, a tenth of what a whole proxied request costs in
@@ -57,6 +57,12 @@ class _RequestCollector(Collector):
         for kind, count in sorted(m.upstream_errors.items()):
             errors.add_metric((kind,), count)
         yield errors
+        shadow = CounterMetricFamily("tollgate_shadow_refusals",
+                                     "Requests a shadow limit would have refused, by tier and limit.",
+                                     labels=("tier", "limit"))
+        for (tier, limit), count in sorted(m.shadow_refusals.items()):
+            shadow.add_metric((tier, limit), count)
+        yield shadow
         cumulative, buckets = 0, []
         for bound, count in zip((*DURATION_BUCKETS, float("inf")), m.duration_counts):
             cumulative += count
@@ -72,6 +78,7 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         self.requests: dict[tuple[str, str], int] = {}
         self.upstream_errors: dict[str, int] = {}
+        self.shadow_refusals: dict[tuple[str, str], int] = {}  # (tier, limit): configured names only
         self.duration_counts = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket; the last is +Inf
         self.duration_sum = 0.0
         self.registry.register(_RequestCollector(self))
@@ -114,6 +121,9 @@ class Metrics:
         if record.upstream_error:
             errors = self.upstream_errors
             errors[record.upstream_error] = errors.get(record.upstream_error, 0) + 1
+        for limit in record.shadow:
+            shadows = self.shadow_refusals
+            shadows[record.tier, limit] = shadows.get((record.tier, limit), 0) + 1
         seconds = record.proxy_seconds + (record.upstream_seconds or 0.0)
         self.duration_counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1  # le: bound inclusive
         self.duration_sum += seconds

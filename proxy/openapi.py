@@ -51,6 +51,10 @@ def counts(*names: str) -> dict[str, Schema]:
     return {name: COUNT for name in names}
 
 
+PER: Final[Schema] = {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                     "description": "what the limit counts: client, address, global, method, route, header:<Name>, ..."}
+SHADOW: Final[Schema] = {"type": "boolean", "description": "evaluated and charged, never refuses"}
+
 WHATIF_COUNTS: Final = ("allowed_then", "refused_then", "allowed_candidate", "refused_candidate")
 
 SCHEMAS: Final[dict[str, Schema]] = {
@@ -78,10 +82,13 @@ SCHEMAS: Final[dict[str, Schema]] = {
                  "upstream_errors"),
         "shadow_blocked": {**COUNT, "description": "requests a `shadow: true` limit would have refused"},
         "denied": {**COUNT, "description": "requests refused with 403 by `clients.deny` (present once one was)"},
-    }, optional=("shadow_blocked", "denied"), description="Requests by decision since start or the last reset."),
+    }, optional=("denied",), description="Requests by decision since start or the last reset."),
     "Percentiles": obj({q: nullable({"type": "number", "minimum": 0}) for q in ("p50", "p95", "p99")},
                        description="Milliseconds over the last minute; null without samples."),
-    "TierCounts": obj(counts("requests", "allowed", "blocked")),
+    "TierCounts": obj({
+        **counts("requests", "allowed", "blocked"),
+        "shadow_blocked": {**COUNT, "description": "of these, requests a shadow limit would have refused"},
+    }),
     "ClientRow": obj({
         "id": {"type": "string", "description": "the key's name, or the client's address"},
         "tier": {"type": "string"},
@@ -95,6 +102,7 @@ SCHEMAS: Final[dict[str, Schema]] = {
         "limits": {"type": "array", "items": obj({
             "name": NAME, "algorithm": {"type": "string"},
             "policy": {"type": "string", "description": "`q=<capacity>;w=<window>`, as in RateLimit-Policy"},
+            "per": PER, "shadow": SHADOW,
         })},
     }),
     "ConfigState": obj({
@@ -114,22 +122,36 @@ SCHEMAS: Final[dict[str, Schema]] = {
         "top_clients": {"type": "array", "items": ref("ClientRow"), "maxItems": 10},
         "top_blocked": {"type": "array", "items": ref("ClientRow"), "maxItems": 10},
         "banned": {"type": "array", "items": {"type": "object"}, "description": "clients banned by a `penalty`"},
+        "limits": ref("LimitsOverview"),
         "storage": ref("Storage"),
         "config": ref("ConfigState"),
     }, optional=("banned",), description="Everything the dashboard shows."),
     "LimitState": obj({
         "name": NAME, "algorithm": {"type": "string"},
         "limit": {**COUNT, "description": "capacity, limit, queue or max"},
-        "per": {"type": "array", "items": {"type": "string"}, "minItems": 1,
-                "description": "what the limit counts: client, address, global, method, route, header:<Name>, ..."},
-        "shadow": {"type": "boolean", "description": "evaluated and charged, never refuses"},
+        "per": PER, "shadow": SHADOW,
         "remaining": nullable({**COUNT, "description": "null where the subject depends on each request"}),
         "reset_seconds": nullable({**COUNT, "description": "whole seconds until the limit is fully available"}),
-        "in_flight": nullable({**COUNT, "description": "concurrency limits: slots held now"}),
+        "in_flight": nullable({**COUNT, "description": "concurrency limits: slots held now (in /api/stats: over "
+                                                       "all subjects; null with Redis unless `per: global`)"}),
     }, optional=("in_flight",)),
+    "RouteLimits": obj({
+        "path": {"type": "string", "description": "the route's path prefix"},
+        "methods": nullable({"type": "array", "items": {"type": "string"}, "description": "null: every method"}),
+        "limits": {"type": "array", "items": ref("LimitState"), "minItems": 1},
+    }),
+    "LimitsOverview": obj({
+        "routes": {"type": "array", "items": ref("RouteLimits"), "description": "each route with limits of its own"},
+        "tiers": {"type": "object", "additionalProperties": {"type": "array", "items": ref("LimitState")},
+                  "description": "each tier's `per: global` and concurrency limits"},
+    }, description="Limits beyond a client's own, with the live state of those that need no request: "
+                   "`per: global` limits' remaining and reset, concurrency limits' slots in flight. "
+                   "Null while the store is down."),
     "ClientState": obj({
         "id": {"type": "string"}, "tier": {"type": "string"}, "unlimited": {"type": "boolean"},
         "limits": {"type": "array", "items": ref("LimitState")},
+        "routes": {"type": "array", "items": ref("RouteLimits"),
+                   "description": "each route with limits: this client's state in them (none if unlimited)"},
         "banned_until": nullable({"type": "string", "format": "date-time"}),
         "ban_seconds_left": nullable({"type": "number", "minimum": 0}),
     }, optional=("banned_until", "ban_seconds_left")),

@@ -95,8 +95,11 @@ async def listen(
     else:
         app.freeze()
         await app.startup()
-        runner = web.ServerRunner(GuardedServer(serve.handler, **serve.parser, **settings),
-                                  shutdown_timeout=grace / 2)
+        # A client that goes away cancels its handler, as nginx drops the upstream
+        # exchange of an aborted request (499): nothing holds a concurrency slot
+        # or an upstream connection for an answer nobody will read.
+        runner = web.ServerRunner(GuardedServer(serve.handler, handler_cancellation=True, **serve.parser,
+                                                **settings), shutdown_timeout=grace / 2)
     try:
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)

@@ -104,6 +104,7 @@ class LatencyWindow:
 class Counts:
     allowed: int = 0
     blocked: int = 0
+    shadow_blocked: int = 0  # requests some shadow limit would have refused (counted apart: not a decision)
 
     @property
     def requests(self) -> int:
@@ -140,7 +141,7 @@ class Stats:
     def reset(self) -> None:
         self.totals = dict.fromkeys(
             ("requests", "allowed", "blocked", "unauthorized", "exempt", "unavailable", "rejected",
-             "upstream_errors"), 0
+             "upstream_errors", "shadow_blocked"), 0
         )
         self.tiers = {}
         self.clients = {}
@@ -172,6 +173,9 @@ class Stats:
             if len(self.clients) >= MAX_CLIENTS:
                 self._drop_least_busy()
             client = self.clients[record.client] = ClientCounts(tier=record.tier, identity=record.identity)
+        if record.shadow:
+            totals["shadow_blocked"] += 1
+            tier.shadow_blocked += 1
         if decision == "allowed":
             tier.allowed += 1
             client.allowed += 1
@@ -264,7 +268,8 @@ class Stats:
                 "proxy": self.proxy_latency.percentiles(50, 95, 99),
                 "upstream": self.upstream_latency.percentiles(50, 95, 99),
             },
-            "tiers": {name: {"requests": c.requests, "allowed": c.allowed, "blocked": c.blocked}
+            "tiers": {name: {"requests": c.requests, "allowed": c.allowed, "blocked": c.blocked,
+                             "shadow_blocked": c.shadow_blocked}
                       for name, c in sorted(self.tiers.items())},
             "timeline": self.timeline_points(),
         }

@@ -94,3 +94,54 @@ async def test_the_dashboard_passes_the_origin_check_and_other_pages_do_not(upst
         await browser.evaluate(f"fetch({reset}, {{method: 'POST', mode: 'no-cors'}}).then(() => 0, () => 1)")
         assert tg.runtime.stats.totals["requests"] == 5  # the cross-site POST changed nothing
         assert browser.errors == []
+
+
+ODD_PATH = '/x"><img src=x onerror=alert(1)>'
+LIMITS_CONFIG = f"""
+upstream: {{url: "{{upstream}}"}}
+clients: {{trusted_proxies: [127.0.0.1/32]}}
+tiers:
+  anonymous:
+    limits:
+      - {{name: burst, algorithm: token_bucket, capacity: 100, refill_rate: 1}}
+      - {{name: trial, algorithm: fixed_window, limit: 1, window: 3600, shadow: true}}
+      - {{name: inflight, algorithm: concurrency, max: 4}}
+routes:
+  - path: {json.dumps(ODD_PATH)}
+    limits: [{{name: odd-all, algorithm: fixed_window, limit: 50, window: 3600, per: global}}]
+  - path: /export
+    limits: [{{name: export-all, algorithm: fixed_window, limit: 50, window: 3600, per: global}}]
+"""
+
+
+async def test_shadow_refusals_and_global_limit_states_show_live(upstream, browser, fake_clock, tmp_path):
+    async with running(LIMITS_CONFIG, upstream.url, clock=fake_clock) as tg:
+        await browser.navigate(tg.admin_url + "/")
+        where = json.dumps(f"route {ODD_PATH}|odd-all")
+        odd = f"[...document.querySelectorAll('#limit-states tr')].find(tr => tr.dataset.limit === {where})"
+        row = "document.querySelector(`tr[data-limit='route /export|export-all']`)"
+        await browser.wait_for(f"{row} !== null && {row}.cells[2].textContent === '50 / 50'")
+        assert await browser.evaluate("document.getElementById('total-shadow-blocked').textContent") == "0"
+        scripts = await browser.evaluate("document.querySelectorAll('script').length")
+        for _ in range(3):  # the first passes the shadow limit, the next two it would have refused
+            await tg.get("/export", headers={"X-Forwarded-For": "192.0.2.9"})
+        await browser.wait_for("document.getElementById('total-shadow-blocked').textContent === '2'", timeout=5)
+        await browser.wait_for(f"{row}.cells[2].textContent === '47 / 50'", timeout=5)
+        assert await browser.evaluate(f"{odd}.cells[0].firstChild.textContent") == f"route {ODD_PATH}"
+        assert await browser.evaluate(f"{odd}.cells[2].textContent") == "50 / 50"
+        inflight = await browser.evaluate(
+            "document.querySelector(`tr[data-limit='tier anonymous|inflight']`).cells[3].textContent")
+        assert inflight == "0"
+        policies = await browser.evaluate("[...document.querySelectorAll('#tiers .policy')].map(d => d.textContent)")
+        assert any(p.startswith("trial") and p.endswith("shadow") for p in policies)
+        await browser.evaluate("document.querySelector('#top-clients tr[data-client-id]').click()")
+        panel = "[...document.querySelectorAll('#client-limits tbody tr')].map(tr => tr.cells[0].textContent)"
+        await browser.wait_for(f"{panel}.some(t => t.startsWith('export-all') && t.endsWith('route /export'))")
+        assert await browser.evaluate("document.querySelectorAll('img').length") == 0
+        assert await browser.evaluate("document.querySelectorAll('script').length") == scripts
+        assert browser.dialogs == [] and browser.errors == []
+        shot = await browser.screenshot(tmp_path / "limits.png", 1280, 1400)
+        assert shot.stat().st_size > 10_000
+        async with tg.session.get(tg.admin_url + "/") as resp:
+            page = await resp.text()
+    assert ODD_PATH not in page and "route /x&#34;&gt;&lt;img" in page  # the server-rendered rows are escaped too

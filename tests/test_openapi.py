@@ -44,10 +44,15 @@ tiers:
     limits:
       - {name: burst, algorithm: token_bucket, capacity: 2, refill_rate: 1}
       - {name: daily, algorithm: fixed_window, limit: 100, window: 86400}
+      - {name: trial, algorithm: sliding_window, limit: 1, window: 60, shadow: true}
+      - {name: inflight, algorithm: concurrency, max: 4}
   internal: {unlimited: true}
 api_keys:
   demo-free-key: {tier: free, name: demo-free}
   internal-key: {tier: internal, name: ops}
+routes:
+  - path: /users
+    limits: [{name: users-all, algorithm: fixed_window, limit: 1000, window: 60, per: global}]
 """
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
@@ -191,6 +196,7 @@ async def healthy_answers(tg: Tollgate, c: Conformance, config_path: Path) -> No
     status, stats = await c.call(tg, "GET", "/api/stats", headers=AUTH)
     assert status == 200 and stats["top_clients"] and stats["timeline"]  # rows and points were checked too
     assert {row["remaining"] for row in stats["top_clients"]} >= {0, None}  # keyed and unlimited
+    assert stats["totals"]["shadow_blocked"] > 0 and stats["limits"]["routes"][0]["limits"][0]["remaining"] > 0
     await c.stream_event(tg)
     for client_id in ("demo-free", "ops", "127.0.0.1", "2001:db8::1"):
         assert (await c.call(tg, "GET", f"/api/clients/{client_id}", headers=AUTH))[0] == 200
@@ -253,6 +259,7 @@ async def storage_down_answers(tg: Tollgate, c: Conformance) -> None:
     assert (await c.call(tg, "DELETE", "/api/clients/127.0.0.1", headers=AUTH))[0] == 503
     status, stats = await c.call(tg, "GET", "/api/stats", headers=AUTH)
     assert status == 200 and stats["storage"]["healthy"] is False and stats["storage"]["last_error"]
+    assert stats["limits"]["routes"][0]["limits"][0]["remaining"] is None  # no state known, no 500
 
 
 async def test_real_answers_match_the_document(upstream, tmp_path):
@@ -268,7 +275,7 @@ async def test_real_answers_match_the_document(upstream, tmp_path):
 def test_an_undocumented_field_fails_the_check():
     c = Conformance()
     spec = c.response_spec("GET", "/api/clients/x", 200)
-    state = {"id": "x", "tier": "free", "unlimited": False, "limits": []}
+    state = {"id": "x", "tier": "free", "unlimited": False, "limits": [], "routes": []}
     c.check_body(spec, "application/json", state)
     with pytest.raises(AssertionError, match="'surprise' was unexpected"):
         c.check_body(spec, "application/json", {**state, "surprise": 1})

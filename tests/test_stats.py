@@ -49,9 +49,20 @@ def test_observe_counts_totals_tiers_clients_and_the_timeline():
     stats.observe(RequestRecord("GET", "/", "bob", "free", "blocked", "k:2", status=429))
     snap = stats.snapshot()
     assert snap["totals"]["requests"] == 5 and snap["totals"]["blocked"] == 2
-    assert snap["tiers"] == {"free": {"requests": 4, "allowed": 2, "blocked": 2}}
+    assert snap["tiers"] == {"free": {"requests": 4, "allowed": 2, "blocked": 2, "shadow_blocked": 0}}
     assert (stats.clients["alice"].allowed, stats.clients["alice"].blocked) == (2, 1)
     assert snap["timeline"] == [{"t": 5000, "allowed": 2, "blocked": 1}, {"t": 5001, "allowed": 0, "blocked": 1}]
+
+
+def test_a_shadow_refusal_counts_once_per_request_whatever_the_decision():
+    stats = Stats(clock=FakeClock(5000.0))
+    for decision, shadow in (("allowed", ("trial",)), ("allowed", ("trial", "night")), ("blocked", ("trial",)),
+                             ("allowed", ())):
+        stats.observe(RequestRecord("GET", "/", "alice", "free", decision, "k:1", status=200, shadow=shadow))
+    snap = stats.snapshot()
+    assert snap["totals"]["shadow_blocked"] == 3 and snap["totals"]["blocked"] == 1
+    assert snap["tiers"]["free"]["shadow_blocked"] == 3
+    assert snap["success_rate_percent"] == 75.0  # a shadow refusal is no refusal
 
 
 def test_the_timeline_closes_each_second_from_the_totals_and_forgets_after_300_s():

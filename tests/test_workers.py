@@ -79,7 +79,7 @@ async def test_two_workers_share_limits_stats_reloads_and_replace_the_dead(run_p
     assert sorted(status for status, _ in answers) == [200] * 10 + [429] * 20
     status, stats = await admin(ports, "GET", "/api/stats")
     assert stats["totals"]["requests"] == BURST and stats["totals"]["allowed"] == 10
-    assert stats["tiers"] == {"anonymous": {"requests": BURST, "allowed": 10, "blocked": 20}}
+    assert stats["tiers"] == {"anonymous": {"requests": BURST, "allowed": 10, "blocked": 20, "shadow_blocked": 0}}
     served = await per_worker(ports)
     assert len(served) == 2 and all(n > 0 for n in served.values()) and sum(served.values()) == BURST
     metrics = (await admin(ports, "GET", "/metrics"))[1]

@@ -83,6 +83,7 @@
     setText("total-allowed", fmt.count(t.allowed));
     setText("total-blocked", fmt.count(t.blocked));
     setText("success-rate", fmt.percent(s.success_rate_percent));
+    setText("total-shadow-blocked", fmt.count(t.shadow_blocked));
     setText("total-unauthorized", fmt.count(t.unauthorized));
     setText("total-exempt", fmt.count(t.exempt));
     setText("total-upstream-errors", fmt.count(t.upstream_errors));
@@ -96,6 +97,7 @@
     renderTiers(s.tiers || {}, (s.config || {}).tiers || {});
     renderClients("top-clients", s.top_clients || []);
     renderClients("top-blocked", s.top_blocked || []);
+    renderLimitStates(s.limits || {});
     drawChart();
   }
 
@@ -129,7 +131,32 @@
   function policyLines(conf) {
     if (!conf) return [];
     if (conf.unlimited) return ["unlimited"];
-    return (conf.limits || []).map((l) => `${l.name} \u00b7 ${l.algorithm} \u00b7 ${l.policy}`);
+    return (conf.limits || []).map((l) => `${l.name} \u00b7 ${l.algorithm} \u00b7 ${l.policy}` +
+      (l.per && l.per.join("+") !== "client" ? ` \u00b7 per ${l.per.join("+")}` : "") +
+      (l.shadow ? " \u00b7 shadow" : ""));
+  }
+
+  // Same rows as the limit_row macro in dashboard.html.
+  function limitRow(where, methods, l) {
+    const name = h("td", {}, l.name);
+    if (l.shadow) name.append(" ", h("span", { class: "badge" }, "shadow"));
+    name.append(h("div", { class: "policy" }, `${l.algorithm} \u00b7 per ${(l.per || ["client"]).join("+")}`));
+    const place = h("td", {}, where);
+    if (methods) place.append(h("div", { class: "policy" }, methods.join(" ")));
+    return h("tr", { data: { limit: `${where}|${l.name}` } }, place, name,
+      h("td", { class: l.remaining === 0 && !l.shadow ? "num bad" : "num" },
+        `${fmt.count(l.remaining)} / ${fmt.count(l.limit)}`),
+      h("td", { class: "num" }, "in_flight" in l ? fmt.count(l.in_flight) : ""));
+  }
+
+  function renderLimitStates(ls) {
+    const rows = [];
+    for (const r of ls.routes || []) for (const l of r.limits || []) rows.push(limitRow(`route ${r.path}`, r.methods, l));
+    for (const [name, limits] of Object.entries(ls.tiers || {})) for (const l of limits) rows.push(limitRow(`tier ${name}`, null, l));
+    if (!rows.length) {
+      rows.push(h("tr", { class: "empty" }, h("td", { colSpan: 4 }, "No route, global or concurrency limits configured")));
+    }
+    $("limit-states").tBodies[0].replaceChildren(...rows);
   }
 
   function renderTiers(tiers, configured) {
@@ -383,12 +410,15 @@
       return;
     }
     setText("client-panel-tier", c.tier || "");
-    const rows = (c.limits || []).map((l) => {
+    const own = (c.limits || []).map((l) => [l, ""]);
+    const onRoutes = (c.routes || []).flatMap((r) => r.limits.map((l) => [l, ` \u00b7 route ${r.path}`]));
+    const rows = [...own, ...onRoutes].map(([l, where]) => {
       const frac = l.limit ? Math.max(0, Math.min(1, (l.remaining ?? 0) / l.limit)) : 0;
       const bar = h("span", { class: "meter" }, h("span", {}));
       bar.firstChild.style.width = `${(frac * 100).toFixed(0)}%`;
+      const per = l.per && l.per.join("+") !== "client" ? ` \u00b7 per ${l.per.join("+")}` : "";
       return h("tr", {},
-        h("td", {}, l.name, h("div", { class: "algo" }, l.algorithm)),
+        h("td", {}, l.name, h("div", { class: "algo" }, l.algorithm + per + (l.shadow ? " \u00b7 shadow" : "") + where)),
         h("td", { class: "num" }, fmt.count(l.limit)),
         h("td", { class: l.remaining === 0 ? "num bad" : "num" }, fmt.count(l.remaining), bar),
         h("td", { class: "num" }, fmt.seconds(l.reset_seconds)));
