@@ -166,10 +166,16 @@ async def stats_reset(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def _seen_tier(runtime: Runtime, client_id: str) -> str | None:
+    """The tier a client's last request had: a JWT client's comes from its token."""
+    seen = runtime.stats.clients.get(client_id)
+    return seen.tier if seen is not None else None
+
+
 async def client_get(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     client_id = request.match_info["id"]
-    found = find_client(runtime.config, client_id)
+    found = find_client(runtime.config, client_id, seen_tier=_seen_tier(runtime, client_id))
     if found is None:
         return problem(404, "unknown_client", "No API key has this name, and it is not an IP address.")
     tier = runtime.config.tiers[found[0]]
@@ -195,7 +201,8 @@ async def client_get(request: web.Request) -> web.Response:
 
 async def client_delete(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    found = find_client(runtime.config, request.match_info["id"])
+    found = find_client(runtime.config, request.match_info["id"],
+                        seen_tier=_seen_tier(runtime, request.match_info["id"]))
     if found is None:
         return problem(404, "unknown_client", "No API key has this name, and it is not an IP address.")
     tier = runtime.config.tiers[found[0]]

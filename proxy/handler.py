@@ -16,7 +16,7 @@ from aiohttp import web
 
 from .config import LimitSet, Route
 from .forward import BodyTooLarge, ClientGone, ExpectationFailed, UpstreamBroken, forward, upstream_failure
-from .identity import Rejection, request_address, resolve
+from .identity import Rejection, denied, request_address, resolve
 from .limiter import Limiter, Verdict
 from .limits.algorithms import Outcome
 from .problems import problem
@@ -34,6 +34,11 @@ NO_ROUTE: Final = Route(path="/")
 async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamResponse:
     config = runtime.config  # one snapshot: a reload mid-request does not change this one
     started = time.perf_counter()
+    banned = denied(config, request.headers, request.remote) if config.clients.deny else None
+    if banned is not None:  # before everything else, exempt routes and keys included
+        record = RequestRecord(request.method, request.path, banned, "-", "denied")
+        response = problem(403, "forbidden", "Requests from this address are not accepted.")
+        return _finish(runtime, record, response, started)
     target = request.raw_path
     if target[:1] != "/" or request.version not in HTTP_1:  # rare: CONNECT, *, absolute-form, HTTP/0.9 or 2.0
         refused = refuse_target(request)
@@ -53,15 +58,16 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
     client = resolve(config, request.headers, request.remote)
     if isinstance(client, Rejection):
         record = RequestRecord(request.method, request.path, request.remote or "", "-", "unauthorized")
-        response = problem(401, client.error, client.message)
+        challenge = {"WWW-Authenticate": client.challenge} if client.challenge else None
+        response = problem(401, client.error, client.message, headers=challenge)
         return _finish(runtime, record, response, started)
-    client_id, tier, identity = client
+    client_id, tier, identity, claims = client
     record = RequestRecord(request.method, request.path, client_id, tier.name, "allowed", identity)
     if tier.unlimited:
         return await _forward(request, runtime, record, started, b"")
     limit_set = config.limit_set(tier, route)
     subjects = subjects_of(limit_set, identity, lambda: Facts(
-        request, identity, route.path, request_address(config, request.headers, request.remote)))
+        request, identity, route.path, request_address(config, request.headers, request.remote), claims))
     limiter = runtime.limiter
     ticket = limiter.ticket(limit_set)
     decision = limiter.decide_now(limit_set, subjects, route.cost, ticket)

@@ -81,7 +81,8 @@ SCHEMAS: Final[dict[str, Schema]] = {
         **counts("requests", "allowed", "blocked", "unauthorized", "exempt", "unavailable", "rejected",
                  "upstream_errors"),
         "shadow_blocked": {**COUNT, "description": "requests a `shadow: true` limit would have refused"},
-    }, description="Requests by decision since start or the last reset."),
+        "denied": {**COUNT, "description": "requests refused with 403 by `clients.deny` (present once one was)"},
+    }, optional=("denied",), description="Requests by decision since start or the last reset."),
     "Percentiles": obj({q: nullable({"type": "number", "minimum": 0}) for q in ("p50", "p95", "p99")},
                        description="Milliseconds over the last minute; null without samples."),
     "TierCounts": obj({
@@ -218,7 +219,7 @@ RETRY_AFTER: Final = {"Retry-After": {"required": True, "schema": {"type": "inte
 UNAVAILABLE: Final = problem_response("The limit store is unavailable.", "limiter_unavailable")
 CLIENT_ID: Final = {
     "name": "id", "in": "path", "required": True, "schema": {"type": "string"},
-    "description": "a key's `name`, or an address (IPv6: any address of the prefix network)",
+    "description": "a key's `name`, `jwt:<subject>`, or an address (IPv6: any address of the prefix network)",
 }
 UNKNOWN_CLIENT: Final = problem_response("No key has this name and it is not an address.", "unknown_client")
 

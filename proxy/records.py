@@ -14,11 +14,11 @@ from dataclasses import dataclass
 class RequestRecord:
     method: str
     path: str
-    client: str  # key name or address: never a raw key
+    client: str  # key name, jwt:<subject> or address: never a raw key or token
     tier: str
     # SPEC's decisions (allowed, blocked, unauthorized, exempt, unavailable), plus
     # "rejected": a declared body over server.max_body_size, or a request never forwarded
-    # (CONNECT, HTTP/0.9 or 2.0: proxy.target), refused before the limiter.
+    # (CONNECT, HTTP/0.9 or 2.0: proxy.target), refused before the limiter; "denied": clients.deny's 403.
     decision: str
     identity: str = ""  # the limit-state key ("k:<sha256>" / "a:<address>"): never a raw key
     status: int = 0

@@ -147,15 +147,19 @@ def read_networks(ck: Checker, path: str, value: Any) -> tuple[Network, ...]:
     if not isinstance(value, list):
         ck.error(path, "must be a list of CIDRs", value)
         return ()
-    nets = []
-    for i, item in enumerate(value):
-        try:
-            nets.append(ipaddress.ip_network(str(item), strict=False))
-            if not isinstance(item, str):
-                raise ValueError
-        except ValueError:
-            ck.error(f"{path}[{i}]", "must be an IP address or CIDR like 10.0.0.0/8", item)
-    return tuple(nets)
+    nets = (read_network(ck, f"{path}[{i}]", item) for i, item in enumerate(value))
+    return tuple(net for net in list(nets) if net is not None)
+
+
+def read_network(ck: Checker, path: str, value: Any) -> Network | None:
+    """One CIDR (or a bare address: its /32 or /128)."""
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        ck.error(path, "must be an IP address or CIDR like 10.0.0.0/8", value)
+        return None
 
 
 def read_host_names(ck: Checker, path: str, value: Any) -> tuple[str, ...]:

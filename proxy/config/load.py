@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
 import yaml
 
+from .callers import check_claim_selectors, read_callers
 from .checks import Checker, show
 from .model import Config, ConfigError
 from .policy import read_api_keys, read_routes, read_tiers
@@ -73,8 +75,13 @@ def build(tree: Any, path: str | None = None, *, errors: list[str] | None = None
     known = raw.get("tiers") if isinstance(raw.get("tiers"), dict) else {"anonymous": None}
     api_keys = read_api_keys(ck, raw.get("api_keys"), tiers, known or {})
     routes = read_routes(ck, raw.get("routes"), tiers, lease=lease)
+    base = Path(path).parent if path is not None else Path(".")  # key files are relative to the config file
+    callers = read_callers(ck, raw.get("clients"), known or {}, base)
+    if not ck.errors:
+        check_claim_selectors(ck, tiers, routes, callers.get("jwt"))
     if ck.errors:
         raise ConfigError(ck.errors)
+    sections["clients"] = replace(sections["clients"], **callers)
     return Config(tiers=tiers, api_keys=api_keys, routes=routes, path=path, **sections)
 
 

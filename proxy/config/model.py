@@ -61,12 +61,29 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class JwtConfig:
+    """clients.jwt with its keys loaded, so a reload re-reads the key file (proxy.tokens verifies)."""
+
+    algorithms: tuple[str, ...]
+    # (kid, alg) -> a key object (bytes for HS*); (None, alg): the only key that fits alg
+    keys: Mapping[tuple[str | None, str], Any] = field(repr=False, compare=False)
+    default_tier: str
+    issuer: str | None = None
+    audience: str | None = None
+    subject_claim: str = "sub"
+    tier_claim: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ClientsConfig:
     api_key_header: str = "X-API-Key"
     unknown_key: str = "reject"
     require_key: bool = False
     trusted_proxies: tuple[Network, ...] = ()
     ipv6_prefix: int = 64
+    deny: tuple[Network, ...] = ()
+    networks: tuple[tuple[Network, str], ...] = ()  # (cidr, tier name), first match wins
+    jwt: JwtConfig | None = None
 
 
 def policy_item(limit: Limit) -> str:
@@ -126,7 +143,7 @@ class ApiKey:
     digest: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)  # proxy.identity caches per config
 class Config:
     server: ServerConfig = ServerConfig()
     admin: AdminConfig = AdminConfig()
@@ -139,8 +156,6 @@ class Config:
     routes: tuple[Route, ...] = ()
     path: str | None = None
     route_table: RouteTable = field(init=False, repr=False, compare=False)
-    # proxy.identity's resolved anonymous clients, by peer address: this config's only
-    peer_clients: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
     # A request without a known key is keyed by its peer's address, as is: there is
     # an anonymous tier, no key is required and no proxy is trusted to name another.
     anonymous_by_peer: bool = field(init=False, repr=False, compare=False)

@@ -68,6 +68,9 @@ def read_sections(ck: Checker, raw: dict[str, Any]) -> dict[str, Any]:
         "require_key": ck.boolean,
         "trusted_proxies": lambda p, v, d: read_networks(ck, p, v),
         "ipv6_prefix": lambda p, v, d: read_prefix_length(ck, p, v, d),
+        "deny": lambda p, v, d: read_networks(ck, p, v),
+        # they name tiers: read after them, by proxy.config.callers
+        "networks": lambda p, v, d: d, "jwt": lambda p, v, d: d,
     })
     log = ck.mapping("log", raw.get("log"), {"format": None})
     log_format = ck.choice("log.format", log["format"], "text", ("text", "json")) if "format" in log else "text"
