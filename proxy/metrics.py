@@ -63,6 +63,11 @@ class _RequestCollector(Collector):
         for (tier, limit), count in sorted(m.shadow_refusals.items()):
             shadow.add_metric((tier, limit), count)
         yield shadow
+        refused = CounterMetricFamily("tollgate_websocket_messages_refused",
+                                      "WebSocket messages over a routes[].messages limit, by tier.", labels=("tier",))
+        for tier, count in sorted(m.websocket_refused.items()):
+            refused.add_metric((tier,), count)
+        yield refused
         cumulative, buckets = 0, []
         for bound, count in zip((*DURATION_BUCKETS, float("inf")), m.duration_counts):
             cumulative += count
@@ -79,6 +84,7 @@ class Metrics:
         self.requests: dict[tuple[str, str], int] = {}
         self.upstream_errors: dict[str, int] = {}
         self.shadow_refusals: dict[tuple[str, str], int] = {}  # (tier, limit): configured names only
+        self.websocket_refused: dict[str, int] = {}  # by tier: each closed its WebSocket
         self.duration_counts = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket; the last is +Inf
         self.duration_sum = 0.0
         self.registry.register(_RequestCollector(self))

@@ -80,6 +80,8 @@ SCHEMAS: Final[dict[str, Schema]] = {
     "Totals": obj({
         **counts("requests", "allowed", "blocked", "unauthorized", "exempt", "unavailable", "rejected",
                  "upstream_errors"),
+        "websocket_messages_refused": {**COUNT, "description":
+                                       "WebSocket messages over a `routes[].messages` limit (each closed its socket)"},
         "shadow_blocked": {**COUNT, "description": "requests a `shadow: true` limit would have refused"},
     }, description="Requests by decision since start or the last reset."),
     "Percentiles": obj({q: nullable({"type": "number", "minimum": 0}) for q in ("p50", "p95", "p99")},
