@@ -153,7 +153,7 @@ class _Run:
             for task in (up, down):
                 task.cancel()
             for task in (up, down):
-                with contextlib.suppress(asyncio.CancelledError, ConnectionError, UpstreamError):
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError, UpstreamError, GateClosed):
                     await task
 
     async def _client_to_upstream(self) -> None:
