@@ -76,7 +76,7 @@ class FrameScanner:
                 pos += step
                 self._left = left - step
                 continue
-            start = pos
+            start = pos if not head else 0  # where the frame began, as far as this chunk goes
             if not head:
                 first = data[pos]
                 if self._client:
@@ -85,17 +85,18 @@ class FrameScanner:
                         return self._fail(why, pos, ends)
                     if first & 0x80 and first & 0x0F in (0x0, 0x1, 0x2):
                         ends.append(pos)
-            if len(head) < 2 or len(head) < header_size(head[1]):
-                need = 2 if len(head) < 2 else header_size(head[1])
+            need = header_size(head[1]) if len(head) >= 2 else 2
+            while len(head) < need and pos < n:
                 take = min(need - len(head), n - pos)
                 head += data[pos:pos + take]
                 pos += take
-                if len(head) < 2 or len(head) < header_size(head[1]):
-                    continue
+                if len(head) >= 2:
+                    need = header_size(head[1])
+            if len(head) < need:
+                break  # the rest of the header comes with the next chunk
             why = self._complete(head)
             if why is not None:
-                # The bad frame began in this chunk at `start` unless its header was split.
-                return self._fail(why, start if pos - start == len(head) else 0, ends)
+                return self._fail(why, start, ends)
             head.clear()
         return ends
 
