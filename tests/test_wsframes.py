@@ -9,6 +9,7 @@ bytes. A table covers each kind of malformed framing.
 
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 from collections.abc import Coroutine
@@ -62,7 +63,7 @@ def streams(draw: st.DrawFn) -> tuple[bytes, list[int]]:
 
 def cut(data: bytes, points: list[int]) -> list[bytes]:
     bounds = sorted({0, len(data), *(p % (len(data) + 1) for p in points)})
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 class Collect:
