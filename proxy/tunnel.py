@@ -36,6 +36,8 @@ from .flow import ByteQueue
 from .upstream import UpstreamError
 from .wsgate import GateClosed, MessageGate
 
+FRAME_GRACE = 1.0  # seconds the upstream may take to finish a frame before Tollgate's close frame
+
 
 class UpstreamTunnel(Protocol):
     """The upstream side, as `proxy.upstream` hands it over with a 101."""
@@ -133,6 +135,8 @@ class _Run:
         self.response = response
         self.linger = linger
         self.gate = gate
+        self.finishing = False  # the gate closes the tunnel once the upstream's current frame is out
+        self.client_eof = False  # the upstream's EOF was passed on: nothing more can be written
         self.totals = Totals()
 
     async def __call__(self) -> None:
@@ -174,6 +178,13 @@ class _Run:
         frames = None if self.gate is None else self.gate.server
         while data := await tunnel.read():
             if frames is not None:
+                if self.finishing:  # a close frame is due: only the rest of the current frame goes first
+                    data = data[:frames.advance(data)]
+                    await response.write(data)
+                    totals.to_client += len(data)
+                    if frames.at_boundary:
+                        return
+                    continue
                 frames.feed(data)  # before the write: a write, once begun, reaches the transport whole
             await response.write(data)  # waits while the client's socket buffer is full
             totals.to_client += len(data)
@@ -181,17 +192,22 @@ class _Run:
         if transport is None or transport.is_closing() or not transport.can_write_eof():
             raise ConnectionResetError("the client connection cannot be half-closed")
         transport.write_eof()
+        self.client_eof = True
 
     async def _close_with_frame(self, closed: GateClosed, down: asyncio.Task[None]) -> None:
         """The gate ended the tunnel: stop relaying the upstream, then tell the
         client why (a close frame fits only between the upstream's frames)."""
         self.totals.closed_by = closed
+        gate = self.gate
+        if gate is not None and not gate.server.at_boundary and not down.done():
+            self.finishing = True
+            await asyncio.wait((down,), timeout=FRAME_GRACE)
         down.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError, UpstreamError):
             await down
         transport = self.request.transport
-        frame = self.gate.client_close(closed) if self.gate is not None else b""
-        if frame and transport is not None and not transport.is_closing():
+        frame = gate.client_close(closed) if gate is not None else b""
+        if frame and transport is not None and not transport.is_closing() and not self.client_eof:
             transport.write(frame)
 
     async def _linger(self, pump: asyncio.Task[None], progress: Callable[[], int]) -> None:

@@ -100,6 +100,15 @@ class FrameScanner:
             head.clear()
         return ends
 
+    def advance(self, data: bytes) -> int:
+        """Feed `data` only as far as the end of the current frame; the bytes that took."""
+        pos, n = 0, len(data)
+        while pos < n and self.error is None and not (pos and self.at_boundary):
+            step = min(self._left, n - pos) if self._left else 1  # a header byte by byte: 14 at most
+            self.feed(data[pos:pos + step])
+            pos += step
+        return pos
+
     def _check_first(self, first: int) -> str | None:
         """The first header byte of a client frame: its opcode in its place."""
         opcode, fin = first & 0x0F, first & 0x80

@@ -11,13 +11,14 @@ holds every later byte behind it, so nothing overtakes a pending decision.
 A refused message ends the tunnel: its final frame is not forwarded, the
 upstream gets a (masked) close 1008 `rate limited` in its place (so its
 application sees why, not an abnormal closure), the client gets an unmasked
-close 1008 `rate limited` (when the upstream->client stream is at a frame
-boundary; otherwise the connection just closes, since a frame cannot be put
-inside another), and both connections close without waiting for the close
-handshake. Malformed client framing is answered likewise with 1002 to the
-client, and the upstream connection is simply closed (the bad frame may have
-begun in bytes it already has). With `on_error: deny` and the store down, the
-close is 1013 `try again later`.
+close 1008 `rate limited` after the rest of the upstream frame under way
+(a frame cannot be put inside another; if the upstream does not finish it
+within `tunnel.FRAME_GRACE`, the client's connection closes without one), and
+both connections close without waiting for the close handshake. Malformed
+client framing is answered likewise with 1002 to the client, and the upstream
+connection is simply closed (the bad frame may have begun in bytes it already
+has). With `on_error: deny` and the store down, the close is 1013 `try again
+later`.
 """
 
 from __future__ import annotations

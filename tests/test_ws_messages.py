@@ -51,6 +51,7 @@ tiers:
       - {name: one-open, algorithm: concurrency, max: 1, lease: 0.3}
 upstream: {url: "{upstream}", timeout: 5}
 """
+BIG = bytes(range(256)) * (16 * 1024)  # 4 MiB: far more than the socket buffers hold
 WS_HANDSHAKE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
                 "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode()}
 
@@ -73,6 +74,9 @@ async def echo_app(seen: Seen) -> web.Application:
             async for msg in ws:  # ends at the close (answered by aiohttp), or at a dropped connection
                 if msg.type == WSMsgType.TEXT and msg.data == "close-me":
                     await ws.close(code=1000, message=b"upstream done")
+                elif msg.type == WSMsgType.TEXT and msg.data == "big":
+                    seen.messages.append(msg.data)
+                    await ws.send_bytes(BIG)
                 elif msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                     seen.messages.append(msg.data)
                     await (ws.send_str(msg.data) if msg.type == WSMsgType.TEXT else ws.send_bytes(msg.data))
@@ -261,6 +265,25 @@ async def test_frames_split_byte_by_byte_are_counted_right(upstream_ws, fake_clo
         writer.close()
         await no_tunnel_left(tg)
     assert seen.messages == texts
+
+
+async def test_the_close_frame_waits_for_the_end_of_the_upstream_frame_under_way(upstream_ws, fake_clock):
+    seen, url = upstream_ws
+    async with running(MESSAGES, url, clock=fake_clock) as tg, asyncio.timeout(GUARD):
+        reader, writer = await raw_ws(tg)
+        writer.write(frame(0x1, b"big"))
+        assert await reader.readexactly(10) == b"\x82\x7f" + len(BIG).to_bytes(8, "big")
+        payload = await reader.readexactly(64 * 1024)  # the upstream's frame is under way...
+        writer.write(frame(0x1, b"2") + frame(0x1, b"3") + frame(0x1, b"4"))  # ...when "4" is refused
+        while not tg.runtime.stats.totals["websocket_messages_refused"]:
+            await asyncio.sleep(0.01)
+        payload += await reader.readexactly(len(BIG) - len(payload))
+        assert payload == BIG  # the frame went out whole, then the close
+        assert await read_frame(reader) == (0x8, close_payload(1008, "rate limited"))
+        assert await reader.read() == b""
+        writer.close()
+        await no_tunnel_left(tg)
+    assert seen.messages[0] == "big" and "4" not in seen.messages
 
 
 @pytest.mark.parametrize("bad", [

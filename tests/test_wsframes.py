@@ -160,3 +160,21 @@ def test_close_frames_are_masked_towards_the_upstream_only():
     assert bytes(b ^ key[i % 4] for i, b in enumerate(body)) == b"\x03\xf0rate limited"
     scanner = FrameScanner(client=True)
     assert scanner.feed(masked) == [] and scanner.error is None and scanner.at_boundary
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0x1, 0x2, 0x9]), SIZES), min_size=1, max_size=5), st.integers(0, 1 << 20))
+def test_advance_stops_exactly_at_the_end_of_the_server_frame_under_way(frames, point):
+    """What the tunnel relays of the upstream before its own close frame to the client."""
+    parts = [frame(opcode, size, mask=False) for opcode, size in frames]
+    data = b"".join(parts)
+    bounds = list(itertools.accumulate(len(p) for p in parts))
+    point %= len(data)
+    scanner = FrameScanner(client=False)
+    scanner.feed(data[:point])
+    if point in (0, *bounds):
+        assert scanner.at_boundary
+        return
+    taken = scanner.advance(data[point:])
+    assert point + taken == min(b for b in bounds if b > point)
+    assert scanner.at_boundary
