@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import socket
 import struct
@@ -166,7 +167,8 @@ def close_payload(code: int, reason: str) -> bytes:
 
 
 async def test_the_message_over_the_limit_closes_1008_and_never_reaches_the_upstream(
-        upstream_ws, store_and_config, fake_clock):
+        upstream_ws, store_and_config, fake_clock, caplog):
+    caplog.set_level(logging.INFO, logger="tollgate.websocket")
     seen, url = upstream_ws
     store, storage = store_and_config
     async with running(MESSAGES + storage, url, clock=fake_clock, store=store) as tg, asyncio.timeout(GUARD):
@@ -186,6 +188,8 @@ async def test_the_message_over_the_limit_closes_1008_and_never_reaches_the_upst
     assert totals["websocket_messages_refused"] == 1
     assert totals["requests"] == 1  # the upgrade; the messages are no requests
     assert 'tollgate_websocket_messages_refused_total{tier="anonymous"} 1.0' in scrape
+    assert [r.getMessage() for r in caplog.records if r.name == "tollgate.websocket"] == [
+        "websocket closed (rate_limited 1008) client=127.0.0.1 tier=anonymous path=/ws limit=chat"]
 
 
 async def test_messages_in_one_packet_are_decided_in_order(upstream_ws, store_and_config, fake_clock):
@@ -204,6 +208,42 @@ async def test_messages_in_one_packet_are_decided_in_order(upstream_ws, store_an
         await no_tunnel_left(tg)
     assert seen.messages == ["1", "2", "3"]
     assert frames == [(0x1, b"1"), (0x1, b"2"), (0x1, b"3")][:len(frames)]  # echoes racing the close
+
+
+@pytest.mark.parametrize(("on_error", "expected"), [("deny", (1013, "try again later")), ("allow", None)])
+async def test_storage_on_error_applies_to_messages(upstream_ws, redis_server: RedisServer, on_error, expected):
+    seen, url = upstream_ws
+    config = MESSAGES + f"storage: {{backend: redis, url: '{redis_server.url}', on_error: {on_error}}}\n"
+    async with running(config, url) as tg, asyncio.timeout(GUARD):
+        async with tg.session.ws_connect(ws_url(tg, "/ws")) as ws:
+            await ws.send_str("before")
+            assert await ws.receive_str() == "before"
+            redis_server.kill()
+            for text in ("down-1", "down-2", "down-3"):  # over the limit of 3, were the store up
+                await ws.send_str(text)
+                msg = await ws.receive()
+                if expected is not None:
+                    assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, *expected)
+                    break
+                assert msg.data == text
+        await seen.closed.wait()
+        totals = tg.runtime.stats.snapshot()["totals"]
+    assert seen.messages == (["before"] if expected else ["before", "down-1", "down-2", "down-3"])
+    assert totals["websocket_messages_refused"] == (1 if expected else 0)
+
+
+async def test_per_selects_what_messages_count(upstream_ws, fake_clock):
+    seen, url = upstream_ws
+    config = MESSAGES.replace("limit: 3, window: 60}", "limit: 1, window: 60, per: 'header:X-Room'}")
+    async with running(config, url, clock=fake_clock) as tg, asyncio.timeout(GUARD):
+        for room in ("a", "b"):  # one message a room: a second socket in another room is not refused
+            async with tg.session.ws_connect(ws_url(tg, "/ws"), headers={"X-Room": room}) as ws:
+                await ws.send_str(room)
+                assert await ws.receive_str() == room
+        async with tg.session.ws_connect(ws_url(tg, "/ws"), headers={"X-Room": "a"}) as ws:
+            await ws.send_str("a again")
+            assert (await ws.receive()).data == 1008
+    assert seen.messages == ["a", "b"]
 
 
 async def test_a_new_websocket_of_the_same_client_stays_limited(upstream_ws, fake_clock):
