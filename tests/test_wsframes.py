@@ -27,11 +27,12 @@ from proxy.limits.store import Limit
 from proxy.wsframes import FrameScanner, close_frame
 from proxy.wsgate import GateClosed, MessageGate, MessageLimits
 
+PAYLOAD = bytes(range(251)) * 300  # longer than the longest size below
 SIZES = st.sampled_from([0, 1, 5, 125, 126, 127, 300, 65535, 65536, 70000])
 
 
 def frame(opcode: int, size: int, *, fin: bool = True, mask: bool = True) -> bytes:
-    payload = bytes(i % 251 for i in range(size))
+    payload = PAYLOAD[:size]
     if size < 126:
         head = bytes((0x80 * fin | opcode, 0x80 * mask | size))
     elif size < 1 << 16:
