@@ -32,6 +32,7 @@ from proxy.limits.algorithms import to_micros
 from proxy.limits.memory import MemoryStore
 from proxy.limits.redis import RedisStore
 from proxy.limits.store import Store
+from proxy.metrics import Metrics
 
 GUARD = 10.0  # seconds: a hang guard, far beyond what any step here takes
 MESSAGES = """
@@ -418,3 +419,12 @@ async def test_an_open_websocket_renews_its_redis_lease(upstream_ws, fake_clock,
             assert (await upgrade_status(tg))[0] != 429
     finally:
         await client.aclose()
+
+
+def test_refusals_of_every_worker_are_summed():
+    """The supervisor's /metrics (server.workers) shows every worker's refusals."""
+    workers = [Metrics(storage_errors=lambda: 0, storage_healthy=lambda: True) for _ in range(3)]
+    workers[0].websocket_refused = {"free": 2}
+    workers[1].websocket_refused = {"free": 1, "pro": 4}
+    workers[2].load_sum([workers[0].dump(), workers[1].dump()])
+    assert workers[2].websocket_refused == {"free": 3, "pro": 4}
