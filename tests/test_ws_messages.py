@@ -364,6 +364,31 @@ async def test_routes_without_messages_and_unlimited_tiers_count_nothing(upstrea
     assert len(seen.messages) == 5
 
 
+async def test_an_upgrade_to_another_protocol_is_not_read_as_websocket_frames(fake_clock):
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tollgate-test/1\r\nConnection: Upgrade\r\n\r\n")
+        while data := await reader.read(65536):
+            writer.write(data)  # an echo of raw bytes
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with running(MESSAGES, url, clock=fake_clock) as tg, asyncio.timeout(GUARD):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(tg))
+            writer.write(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: tollgate-test/1\r\n\r\n")
+            await reader.readuntil(b"\r\n\r\n")
+            unmasked = frame(0x1, b"x", mask=False) * 5  # malformed, and over the limit, were it a WebSocket
+            writer.write(unmasked)
+            assert await reader.readexactly(len(unmasked)) == unmasked
+            writer.close()
+            await no_tunnel_left(tg)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 async def upgrade_status(tg: Tollgate) -> tuple[int, str | None]:
     async with tg.session.get(tg.url + "/ws", headers=WS_HANDSHAKE) as resp:
         return resp.status, resp.headers.get("Retry-After")
