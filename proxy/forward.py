@@ -296,7 +296,9 @@ async def _switch(request: web.BaseRequest, answer: Response, lines: bytes) -> U
     tunnel = answer.tunnel
     assert tunnel is not None
     client = ClientStream(request)
-    response = Upgraded(tunnel=tunnel, client=client)
+    websocket = any(name.lower() == b"upgrade" and value.strip().lower() == b"websocket"
+                    for name, value in answer.headers)
+    response = Upgraded(tunnel=tunnel, client=client, websocket=websocket)
     raw, connection, response.has_date = switch_head_lines(answer)
     if connection is not None:  # sent by aiohttp as framing; without it, aiohttp would say "close"
         response.headers["Connection"] = connection.decode("latin-1")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from aiohttp import web
@@ -27,6 +27,7 @@ from .selectors import Facts, subjects_of
 from .target import HTTP_1, refuse_target, route_path
 from .tunnel import Upgraded
 from .upstream import UpstreamError
+from .wsgate import MessageGate, MessageLimits
 
 NO_ROUTE: Final = Route(path="/")
 
@@ -79,19 +80,28 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
     lines = rate_limit_lines(limit_set, outcomes) if outcomes else b""
     if not verdict.allowed:
         return _finish(runtime, record, _refuse(limit_set, verdict, outcomes, lines, record), started)
+    messages = None if not route.messages else _message_limits(
+        runtime, route, identity, lambda: Facts(
+            request, identity, route.path, request_address(config, request.headers, request.remote)))
     if not limit_set.concurrent:
-        return await _admitted(request, runtime, record, started, lines, verdict.delay)
+        return await _admitted(request, runtime, record, started, lines, verdict.delay, messages)
     renewing = _renew_while_open(limiter, limit_set, subjects, ticket)
     try:
-        return await _admitted(request, runtime, record, started, lines, verdict.delay)
+        return await _admitted(request, runtime, record, started, lines, verdict.delay, messages)
     finally:  # completed, aborted, failed or cut: the slots come back now
         if renewing is not None:
             renewing.cancel()
         limiter.release(limit_set, subjects, ticket, verdict)
 
 
+def _message_limits(runtime: Runtime, route: Route, identity: str, facts: Callable[[], Facts]) -> MessageLimits:
+    """What the messages of a WebSocket on `route` are decided on, should the request upgrade."""
+    limit_set = runtime.config.message_sets[route.index]
+    return MessageLimits(runtime.limiter, limit_set, subjects_of(limit_set, identity, facts))
+
+
 async def _admitted(request: web.BaseRequest, runtime: Runtime, record: RequestRecord, started: float,
-                    lines: bytes, delay: float) -> web.StreamResponse:
+                    lines: bytes, delay: float, messages: MessageLimits | None) -> web.StreamResponse:
     if delay > 0:
         try:
             await asyncio.sleep(delay)  # leaky bucket: released in arrival order
@@ -103,7 +113,7 @@ async def _admitted(request: web.BaseRequest, runtime: Runtime, record: RequestR
             record.status = 499  # gave up while queued: nothing to forward
             runtime.observe(record, time.perf_counter() - started)
             return web.Response(status=499)
-    return await _forward(request, runtime, record, started, lines)
+    return await _forward(request, runtime, record, started, lines, messages)
 
 
 def _renew_while_open(limiter: Limiter, limit_set: LimitSet, subjects: tuple[str, ...],
@@ -149,7 +159,7 @@ def _refuse(limit_set: LimitSet, verdict: Verdict, outcomes: Sequence[Outcome], 
 
 async def _forward(
     request: web.BaseRequest, runtime: Runtime, record: RequestRecord, started: float,
-    lines: bytes,
+    lines: bytes, messages: MessageLimits | None = None,
 ) -> web.StreamResponse:
     upstream_started = time.perf_counter()
     try:
@@ -194,7 +204,10 @@ async def _forward(
     if isinstance(response, Upgraded):
         # Recorded above as the 101 it is, with the handshake's timing; the
         # connection's life is the tunnel's, and it ends here.
-        await runtime.tunnels.run(request, response, linger=runtime.upstream.timeout)
+        gate = MessageGate(messages) if messages is not None and response.websocket else None
+        totals = await runtime.tunnels.run(request, response, linger=runtime.upstream.timeout, gate=gate)
+        if totals.closed_by is not None:
+            runtime.tunnel_closed(record, totals.closed_by)
     return response
 
 

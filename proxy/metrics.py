@@ -63,6 +63,11 @@ class _RequestCollector(Collector):
         for (tier, limit), count in sorted(m.shadow_refusals.items()):
             shadow.add_metric((tier, limit), count)
         yield shadow
+        refused = CounterMetricFamily("tollgate_websocket_messages_refused",
+                                      "WebSocket messages over a routes[].messages limit, by tier.", labels=("tier",))
+        for tier, count in sorted(m.websocket_refused.items()):
+            refused.add_metric((tier,), count)
+        yield refused
         cumulative, buckets = 0, []
         for bound, count in zip((*DURATION_BUCKETS, float("inf")), m.duration_counts):
             cumulative += count
@@ -79,6 +84,7 @@ class Metrics:
         self.requests: dict[tuple[str, str], int] = {}
         self.upstream_errors: dict[str, int] = {}
         self.shadow_refusals: dict[tuple[str, str], int] = {}  # (tier, limit): configured names only
+        self.websocket_refused: dict[str, int] = {}  # by tier: each closed its WebSocket
         self.duration_counts = [0] * (len(DURATION_BUCKETS) + 1)  # per bucket; the last is +Inf
         self.duration_sum = 0.0
         self.registry.register(_RequestCollector(self))
@@ -94,12 +100,12 @@ class Metrics:
         return {"requests": [[tier, decision, n] for (tier, decision), n in self.requests.items()],
                 "upstream_errors": self.upstream_errors, "duration_counts": self.duration_counts,
                 "duration_sum": self.duration_sum, "storage_errors": self._storage_errors(),
-                "storage_healthy": self._storage_healthy()}
+                "storage_healthy": self._storage_healthy(), "websocket_refused": self.websocket_refused}
 
     def load_sum(self, dumps: list[dict[str, Any]]) -> None:
         """Show the sum of other processes' `dump`s (a supervisor's /metrics): the per-request
         series and storage errors are summed, storage is healthy when every process finds it so."""
-        self.requests, self.upstream_errors = {}, {}
+        self.requests, self.upstream_errors, self.websocket_refused = {}, {}, {}
         self.duration_counts = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
         errors, healthy = 0, True
@@ -108,6 +114,8 @@ class Metrics:
                 self.requests[(tier, decision)] = self.requests.get((tier, decision), 0) + n
             for kind, n in dump["upstream_errors"].items():
                 self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + n
+            for tier, n in dump["websocket_refused"].items():
+                self.websocket_refused[tier] = self.websocket_refused.get(tier, 0) + n
             self.duration_counts = [a + b for a, b in zip(self.duration_counts, dump["duration_counts"])]
             self.duration_sum += dump["duration_sum"]
             errors += dump["storage_errors"]

@@ -80,6 +80,8 @@ SCHEMAS: Final[dict[str, Schema]] = {
     "Totals": obj({
         **counts("requests", "allowed", "blocked", "unauthorized", "exempt", "unavailable", "rejected",
                  "upstream_errors"),
+        "websocket_messages_refused": {**COUNT, "description":
+                                       "WebSocket messages over a `routes[].messages` limit (each closed its socket)"},
         "shadow_blocked": {**COUNT, "description": "requests a `shadow: true` limit would have refused"},
         "denied": {**COUNT, "description": "requests refused with 403 by `clients.deny` (present once one was)"},
     }, optional=("denied",), description="Requests by decision since start or the last reset."),

@@ -6,6 +6,7 @@ at its start and finishes under that config.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -21,6 +22,9 @@ from .records import Observer, RequestRecord
 from .stats import Stats
 from .tunnel import Tunnels
 from .upstream import Pool
+from .wsgate import GateClosed
+
+log = logging.getLogger("tollgate.websocket")
 
 
 def upstream_of(config: Config) -> Upstream:
@@ -79,6 +83,14 @@ class Runtime:
         record.proxy_seconds = max(0.0, total_seconds - upstream)
         for observer in self.observers:
             observer(record)
+
+    def tunnel_closed(self, record: RequestRecord, closed: GateClosed) -> None:
+        """A WebSocket the message gate closed: counted when a message was refused, and logged."""
+        if closed.why != "malformed":
+            self.stats.totals["websocket_messages_refused"] += 1
+            self.metrics.websocket_refused[record.tier] = self.metrics.websocket_refused.get(record.tier, 0) + 1
+        log.info("websocket closed (%s %d) client=%s tier=%s path=%s limit=%s", closed.why, closed.code,
+                 record.client, record.tier, record.path, closed.limit or "-")
 
 
 RUNTIME: Final = web.AppKey("RUNTIME", Runtime)

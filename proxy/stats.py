@@ -141,7 +141,7 @@ class Stats:
     def reset(self) -> None:
         self.totals = dict.fromkeys(
             ("requests", "allowed", "blocked", "unauthorized", "exempt", "unavailable", "rejected",
-             "upstream_errors", "shadow_blocked"), 0
+             "upstream_errors", "shadow_blocked", "websocket_messages_refused"), 0
         )
         self.tiers = {}
         self.clients = {}

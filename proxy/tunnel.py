@@ -14,9 +14,10 @@ already copied. A write that fails or `Tunnels.close_all` (shutdown) closes
 both at once.
 
 `Tunnels.run` is the one place a tunnel runs: its start and its end are where
-per-connection accounting (a concurrency slot held while open) hooks in, and
-`ClientStream` is the client->upstream source in front of which a WebSocket
-frame reader (per-message limits) can be put.
+per-connection accounting (a concurrency slot held while open) hooks in. A
+WebSocket with per-message limits runs its client->upstream bytes through a
+`proxy.wsgate.MessageGate`, which may end the tunnel with a close frame to
+each side.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ from . import responses
 from .aiohttp_private import take_upgraded_bytes
 from .flow import ByteQueue
 from .upstream import UpstreamError
+from .wsgate import GateClosed, MessageGate
+
+FRAME_GRACE = 1.0  # seconds the upstream may take to finish a frame before Tollgate's close frame
 
 
 class UpstreamTunnel(Protocol):
     """The upstream side, as `proxy.upstream` hands it over with a 101."""
 
     async def read(self) -> bytes: ...
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
     async def drain(self) -> None: ...
     def write_eof(self) -> None: ...
     def close(self) -> None: ...
@@ -49,10 +53,11 @@ class Upgraded(responses.RelayedStream):
     """The 101 relayed to the client (its head as the upstream sent it), with
     both ends of the tunnel it opens: `tunnel` the upstream's, `client` the client's."""
 
-    def __init__(self, *, tunnel: UpstreamTunnel, client: ClientStream) -> None:
+    def __init__(self, *, tunnel: UpstreamTunnel, client: ClientStream, websocket: bool = False) -> None:
         super().__init__(status=101)
         self.tunnel = tunnel
         self.client = client
+        self.websocket = websocket  # the 101 says Upgrade: websocket
         self.force_close()  # after the tunnel the connection is not HTTP any more
 
 
@@ -118,15 +123,20 @@ class Totals:
 
     to_upstream: int = 0
     to_client: int = 0
+    closed_by: GateClosed | None = None  # the message gate ended the tunnel
 
 
 class _Run:
     """One running tunnel: the two pumps and how it ends."""
 
-    def __init__(self, request: web.BaseRequest, response: Upgraded, linger: float) -> None:
+    def __init__(self, request: web.BaseRequest, response: Upgraded, linger: float,
+                 gate: MessageGate | None) -> None:
         self.request = request
         self.response = response
         self.linger = linger
+        self.gate = gate
+        self.finishing = False  # the gate closes the tunnel once the upstream's current frame is out
+        self.client_eof = False  # the upstream's EOF was passed on: nothing more can be written
         self.totals = Totals()
 
     async def __call__(self) -> None:
@@ -134,7 +144,9 @@ class _Run:
         down = asyncio.create_task(self._upstream_to_client())
         try:
             await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
-            if down.done() and not up.done() and down.exception() is None:
+            if up.done() and isinstance(up.exception(), GateClosed):
+                await self._close_with_frame(up.exception(), down)  # type: ignore[arg-type]
+            elif down.done() and not up.done() and down.exception() is None:
                 # The upstream half-closed and the client has it: the client may still send.
                 await self._linger(up, lambda: self.response.client.received)
             elif up.done() and not down.done() and up.exception() is not None:
@@ -145,13 +157,16 @@ class _Run:
             for task in (up, down):
                 task.cancel()
             for task in (up, down):
-                with contextlib.suppress(asyncio.CancelledError, ConnectionError, UpstreamError):
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError, UpstreamError, GateClosed):
                     await task
 
     async def _client_to_upstream(self) -> None:
-        source, tunnel, totals = self.response.client, self.response.tunnel, self.totals
+        source, tunnel, totals, gate = self.response.client, self.response.tunnel, self.totals, self.gate
         while data := await source.read():
-            tunnel.write(data)
+            if gate is None:
+                tunnel.write(data)
+            else:
+                await gate.relay(data, tunnel)
             totals.to_upstream += len(data)
             await tunnel.drain()
         # The client has gone (aiohttp closes a client connection at its EOF):
@@ -160,13 +175,40 @@ class _Run:
 
     async def _upstream_to_client(self) -> None:
         tunnel, response, totals = self.response.tunnel, self.response, self.totals
+        frames = None if self.gate is None else self.gate.server
         while data := await tunnel.read():
+            if frames is not None:
+                if self.finishing:  # a close frame is due: only the rest of the current frame goes first
+                    data = data[:frames.advance(data)]
+                    await response.write(data)
+                    totals.to_client += len(data)
+                    if frames.at_boundary:
+                        return
+                    continue
+                frames.feed(data)  # before the write: a write, once begun, reaches the transport whole
             await response.write(data)  # waits while the client's socket buffer is full
             totals.to_client += len(data)
         transport = self.request.transport
         if transport is None or transport.is_closing() or not transport.can_write_eof():
             raise ConnectionResetError("the client connection cannot be half-closed")
         transport.write_eof()
+        self.client_eof = True
+
+    async def _close_with_frame(self, closed: GateClosed, down: asyncio.Task[None]) -> None:
+        """The gate ended the tunnel: stop relaying the upstream, then tell the
+        client why (a close frame fits only between the upstream's frames)."""
+        self.totals.closed_by = closed
+        gate = self.gate
+        if gate is not None and not gate.server.at_boundary and not down.done():
+            self.finishing = True
+            await asyncio.wait((down,), timeout=FRAME_GRACE)
+        down.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError, UpstreamError):
+            await down
+        transport = self.request.transport
+        frame = gate.client_close(closed) if gate is not None else b""
+        if frame and transport is not None and not transport.is_closing() and not self.client_eof:
+            transport.write(frame)
 
     async def _linger(self, pump: asyncio.Task[None], progress: Callable[[], int]) -> None:
         """Let the pump still running finish, for as long as bytes keep moving
@@ -197,9 +239,11 @@ class Tunnels:
     def __iter__(self) -> Iterator[Upgraded]:
         return iter([tunnel.response for tunnel in self._open])
 
-    async def run(self, request: web.BaseRequest, response: Upgraded, *, linger: float) -> Totals:
-        """Copy bytes both ways until the tunnel ends; both connections are closed on return."""
-        tunnel = _Run(request, response, linger)
+    async def run(self, request: web.BaseRequest, response: Upgraded, *, linger: float,
+                  gate: MessageGate | None = None) -> Totals:
+        """Copy bytes both ways until the tunnel ends; both connections are closed on return.
+        `gate`: per-message limits on the client's bytes (a WebSocket's)."""
+        tunnel = _Run(request, response, linger, gate)
         self._open.add(tunnel)
         try:
             await tunnel()

@@ -164,7 +164,7 @@ class Tunnel:
         """The next bytes from the upstream; b"" once it closed (cleanly or not)."""
         return await self._from_upstream.read()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Send bytes upstream; raises ConnectionResetError once the connection is gone."""
         transport = self._conn.transport
         if self._conn.closed or transport is None or transport.is_closing():

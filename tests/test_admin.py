@@ -51,7 +51,8 @@ async def test_counters_equal_what_was_sent(upstream, fake_clock):
         status, stats = await admin_json(tg, "GET", "/api/stats")
     assert status == 200
     assert stats["totals"] == {"requests": 9, "allowed": 4, "blocked": 2, "unauthorized": 1, "exempt": 2,
-                               "unavailable": 0, "rejected": 0, "upstream_errors": 1, "shadow_blocked": 0}
+                               "unavailable": 0, "rejected": 0, "upstream_errors": 1, "shadow_blocked": 0,
+                               "websocket_messages_refused": 0}
     assert stats["success_rate_percent"] == round(100 * 7 / 9, 2)
     assert stats["tiers"] == {"free": {"requests": 5, "allowed": 3, "blocked": 2, "shadow_blocked": 0},
                               "anonymous": {"requests": 1, "allowed": 1, "blocked": 0, "shadow_blocked": 0}}

@@ -162,6 +162,8 @@ class Config:
 
     # The LimitSet of each (tier, route with limits of its own): tier's limits, then the route's.
     route_sets: Mapping[tuple[str, int], LimitSet] = field(init=False, repr=False, compare=False)
+    # The LimitSet of each route with WebSocket message limits (`routes[].messages`), by route index.
+    message_sets: Mapping[int, LimitSet] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "route_table", RouteTable(self.routes))
@@ -169,6 +171,9 @@ class Config:
             (tier.name, index): LimitSet(tier.limits + route.limits)
             for index, route in enumerate(self.routes) if route.limits
             for tier in self.tiers.values() if not tier.unlimited
+        })
+        object.__setattr__(self, "message_sets", {
+            index: LimitSet(route.messages) for index, route in enumerate(self.routes) if route.messages
         })
         object.__setattr__(self, "anonymous_by_peer", "anonymous" in self.tiers
                            and not self.clients.require_key and not self.clients.trusted_proxies)
