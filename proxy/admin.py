@@ -121,6 +121,7 @@ async def stats_body(runtime: Runtime) -> dict[str, Any]:
         body[key] = rows
     body["storage"] = storage_body(runtime)
     body["config"] = config_body(runtime)
+    body["banned"] = await runtime.penalties.listed()
     return body
 
 
@@ -177,11 +178,13 @@ async def client_get(request: web.Request) -> web.Response:
     try:
         outcomes = (await runtime.limiter.peek([s for _, s in peekable], [limit for limit, _ in peekable])
                     if peekable else [])
+        ban = await runtime.penalties.client_body(tier, found[1])
     except StorageUnavailable as exc:
         return problem(503, "limiter_unavailable", f"The limit store is unavailable: {exc}")
     state = {limit.name: o for (limit, _), o in zip(peekable, outcomes)}
     limits = [limit_body(limit, state.get(limit.name)) for limit in tier.limits]
-    return web.json_response({"id": client_id, "tier": tier.name, "unlimited": tier.unlimited, "limits": limits})
+    return web.json_response({"id": client_id, "tier": tier.name, "unlimited": tier.unlimited, "limits": limits,
+                              **ban})
 
 
 def limit_body(limit: Limit, outcome: Outcome | None) -> dict[str, Any]:
@@ -207,6 +210,7 @@ async def client_delete(request: web.Request) -> web.Response:
              if subject is not None and subject != GLOBAL_SUBJECT]  # a client's reset leaves shared states alone
     try:
         await runtime.limiter.reset([s for _, s in known], [limit for limit, _ in known])
+        await runtime.penalties.lift(tier, found[1])
     except StorageUnavailable as exc:
         return problem(503, "limiter_unavailable", f"The limit store is unavailable: {exc}")
     return web.Response(status=204)
@@ -251,7 +255,7 @@ async def check(request: web.Request) -> web.Response:
                               "remaining": None, "retry_after_seconds": 0}
     if outcomes:
         index = most_constraining(outcomes) if verdict.allowed else refusing_limit(limit_set, outcomes)
-        result["limit"] = tier.limits[index].name
+        result["limit"] = limit_set.limits[index].name
         result["remaining"] = outcomes[most_constraining(outcomes)].remaining
         result["retry_after_seconds"] = 0 if verdict.allowed else round(outcomes[index].retry_after, 3)
         result["delay_seconds"] = round(verdict.delay, 3)
