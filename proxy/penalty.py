@@ -137,6 +137,11 @@ class PenaltyBox:
                 del seen[key]
         seen[identity] = Seen(client, tier, until)
 
+    async def settled(self) -> None:
+        """Wait for the strikes on their way to the store (tests; each is bounded in time)."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
     def forget(self, identity: str) -> None:
         """A ban lifted here (DELETE /api/clients/{id})."""
         self.seen.pop(identity, None)

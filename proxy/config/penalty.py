@@ -28,10 +28,8 @@ def read_penalty(ck: Checker, path: str, raw: Any, tier: str, *, unlimited: bool
         ck.error(path, "an unlimited tier is never refused, so it has no penalty")
         return None
     body = ck.mapping(path, raw, PENALTY_KEYS)
-    if not body:
-        if not isinstance(raw, dict) or not raw:
-            ck.error(path, "must be a mapping like {after: 10, within: 60, ban: 300, statuses: [401, 403]}", raw)
-        return None
+    if not isinstance(raw, dict):
+        return None  # mapping() said so
     before = len(ck.errors)
     for key in ("after", "within", "ban"):
         if key not in body:
