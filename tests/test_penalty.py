@@ -244,3 +244,18 @@ def test_without_penalty_nothing_changes() -> None:
     tier = config.tiers["anonymous"]
     assert tier.penalty is None and tier.limit_set.limits == tier.limits and not tier.limit_set.banning
     assert re.fullmatch(r'"token_bucket";q=1;w=1', tier.limit_set.policy_header)
+
+
+async def test_the_dashboard_lists_a_ban_as_it_happens(upstream, browser, fake_clock: FakeClock) -> None:
+    evil = "<script>alert(1)</script>"
+    config = CONFIG + f"  evil-key: {{tier: paid, name: {json.dumps(evil)}}}\n"
+    async with running(config, upstream.url, clock=fake_clock) as tg:
+        await browser.navigate(tg.admin_url + "/")
+        await browser.wait_for("document.querySelector('#banned tr.empty') !== null")
+        for _ in range(3):
+            await settled(tg, "/status/401", {"X-API-Key": "evil-key"})
+        await browser.wait_for("document.querySelector('#banned tr[data-client-id]') !== null", timeout=5)
+        row = await browser.evaluate(
+            "[...document.querySelectorAll('#banned tr[data-client-id] td')].map(td => td.textContent)")
+        assert row == [evil, "paid", "300", rfc3339(fake_clock() + 300)]  # a name, not markup
+        assert await browser.evaluate("document.querySelectorAll('#banned script').length") == 0
