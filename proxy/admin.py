@@ -254,9 +254,11 @@ async def check(request: web.Request) -> web.Response:
     result: dict[str, Any] = {"allowed": verdict.allowed, "tier": tier_name, "limit": None,
                               "remaining": None, "retry_after_seconds": 0}
     if outcomes:
-        index = most_constraining(outcomes) if verdict.allowed else refusing_limit(limit_set, outcomes)
+        first = 1 if limit_set.banning else 0  # a penalty's ban is no quota (and never strikes these identities)
+        tightest = first + most_constraining(outcomes[first:])
+        index = tightest if verdict.allowed else refusing_limit(limit_set, outcomes)
         result["limit"] = limit_set.limits[index].name
-        result["remaining"] = outcomes[most_constraining(outcomes)].remaining
+        result["remaining"] = outcomes[tightest].remaining
         result["retry_after_seconds"] = 0 if verdict.allowed else round(outcomes[index].retry_after, 3)
         result["delay_seconds"] = round(verdict.delay, 3)
     return web.json_response(result)

@@ -259,3 +259,10 @@ async def test_the_dashboard_lists_a_ban_as_it_happens(upstream, browser, fake_c
             "[...document.querySelectorAll('#banned tr[data-client-id] td')].map(td => td.textContent)")
         assert row == [evil, "paid", "300", rfc3339(fake_clock() + 300)]  # a name, not markup
         assert await browser.evaluate("document.querySelectorAll('#banned script').length") == 0
+
+
+async def test_the_decision_service_does_not_report_the_ban_as_a_quota(upstream) -> None:
+    async with running(CONFIG, upstream.url) as tg:
+        async with tg.session.post(tg.admin_url + "/api/check", json={"key": "k", "tier": "paid"}) as resp:
+            result = await resp.json()
+        assert (result["allowed"], result["limit"], result["remaining"]) == (True, "burst", 99)
