@@ -266,3 +266,17 @@ async def test_the_decision_service_does_not_report_the_ban_as_a_quota(upstream)
         async with tg.session.post(tg.admin_url + "/api/check", json={"key": "k", "tier": "paid"}) as resp:
             result = await resp.json()
         assert (result["allowed"], result["limit"], result["remaining"]) == (True, "burst", 99)
+
+
+async def test_strikes_and_bans_work_on_every_cluster_node(redis_cluster, fake_clock: FakeClock) -> None:
+    """A strike's two keys share the client's hash tag: one script, whatever node holds them."""
+    store = RedisStore.from_config(StorageConfig(backend="redis", cluster=True, url=redis_cluster.url, timeout=1.0),
+                                   clock=fake_clock)
+    try:
+        clients = [f"a:198.51.100.{i}" for i in range(12)]  # their tags land on all three nodes
+        for client in clients:
+            assert [await store.strike(client, STRIKES, BAN) for _ in range(3)] == [None, None, fake_clock() + 300]
+            assert [o.allowed for o in await store.acquire([client, client], [BAN, BURST], 1)] == [False, True]
+        assert len({store.shard_of(client) for client in clients}) == 3
+    finally:
+        await store.close()
