@@ -123,6 +123,7 @@ async def stats_body(runtime: Runtime) -> dict[str, Any]:
     body["limits"] = await limits_body(runtime)
     body["storage"] = storage_body(runtime)
     body["config"] = config_body(runtime)
+    body["banned"] = await runtime.penalties.listed()
     return body
 
 
@@ -187,11 +188,12 @@ async def client_get(request: web.Request) -> web.Response:
     try:
         outcomes = (await runtime.limiter.peek([s for _, s in peekable], [limit for limit, _ in peekable])
                     if peekable else [])
+        ban = await runtime.penalties.client_body(tier, found[1])
     except StorageUnavailable as exc:
         return problem(503, "limiter_unavailable", f"The limit store is unavailable: {exc}")
     state = {limit.key: o for (limit, _), o in zip(peekable, outcomes)}
     return web.json_response({
-        "id": client_id, "tier": tier.name, "unlimited": tier.unlimited,
+        "id": client_id, "tier": tier.name, "unlimited": tier.unlimited, **ban,
         "limits": [limit_body(limit, state.get(limit.key)) for limit in tier.limits],
         "routes": [{"path": route.path, "methods": None if route.methods is None else sorted(route.methods),
                     "limits": [limit_body(limit, state.get(limit.key)) for limit in route.limits]}
@@ -211,6 +213,7 @@ async def client_delete(request: web.Request) -> web.Response:
              if subject is not None and subject != GLOBAL_SUBJECT]  # a client's reset leaves shared states alone
     try:
         await runtime.limiter.reset([s for _, s in known], [limit for limit, _ in known])
+        await runtime.penalties.lift(tier, found[1])
     except StorageUnavailable as exc:
         return problem(503, "limiter_unavailable", f"The limit store is unavailable: {exc}")
     return web.Response(status=204)
@@ -254,9 +257,11 @@ async def check(request: web.Request) -> web.Response:
     result: dict[str, Any] = {"allowed": verdict.allowed, "tier": tier_name, "limit": None,
                               "remaining": None, "retry_after_seconds": 0}
     if outcomes:
-        index = most_constraining(outcomes) if verdict.allowed else refusing_limit(limit_set, outcomes)
-        result["limit"] = tier.limits[index].name
-        result["remaining"] = outcomes[most_constraining(outcomes)].remaining
+        first = 1 if limit_set.banning else 0  # a penalty's ban is no quota (and never strikes these identities)
+        tightest = first + most_constraining(outcomes[first:])
+        index = tightest if verdict.allowed else refusing_limit(limit_set, outcomes)
+        result["limit"] = limit_set.limits[index].name
+        result["remaining"] = outcomes[tightest].remaining
         result["retry_after_seconds"] = 0 if verdict.allowed else round(outcomes[index].retry_after, 3)
         result["delay_seconds"] = round(verdict.delay, 3)
     return web.json_response(result)

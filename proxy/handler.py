@@ -19,6 +19,7 @@ from .forward import BodyTooLarge, ClientGone, ExpectationFailed, UpstreamBroken
 from .identity import Rejection, denied, request_address, resolve
 from .limiter import Limiter, Verdict
 from .limits.algorithms import Outcome
+from .penalty import banned
 from .problems import problem
 from .ratelimit_headers import rate_limit_lines, refusing_limit, retry_after_header
 from .records import RequestRecord
@@ -144,6 +145,8 @@ def _refuse(limit_set: LimitSet, verdict: Verdict, outcomes: Sequence[Outcome], 
         record.decision = "unavailable"
         return problem(503, "limiter_unavailable", "The rate limiter's storage is unavailable; "
                        "try again shortly.", headers={"Retry-After": "1"})
+    if limit_set.banning and not outcomes[0].allowed:
+        return banned(record, outcomes[0].retry_after, lines)
     limits = limit_set.limits
     index = refusing_limit(limit_set, outcomes)
     retry = outcomes[index].retry_after

@@ -123,11 +123,18 @@ SCHEMAS: Final[dict[str, Schema]] = {
         "timeline": {"type": "array", "items": ref("TimelinePoint"), "description": "the last 5 minutes"},
         "top_clients": {"type": "array", "items": ref("ClientRow"), "maxItems": 10},
         "top_blocked": {"type": "array", "items": ref("ClientRow"), "maxItems": 10},
-        "banned": {"type": "array", "items": {"type": "object"}, "description": "clients banned by a `penalty`"},
+        "banned": {"type": "array", "items": ref("BannedClient"), "maxItems": 100,
+                   "description": "clients banned by a tier's `penalty` now, latest ban end first: the bans this "
+                                  "instance set or refused a request for, each checked with the store"},
         "limits": ref("LimitsOverview"),
         "storage": ref("Storage"),
         "config": ref("ConfigState"),
-    }, optional=("banned",), description="Everything the dashboard shows."),
+    }, description="Everything the dashboard shows."),
+    "BannedClient": obj({
+        "id": {"type": "string"}, "tier": {"type": "string"},
+        "banned_until": {"type": "string", "format": "date-time", "description": "RFC 3339, UTC"},
+        "seconds_left": {"type": "integer", "minimum": 1, "description": "what Retry-After says now"},
+    }),
     "LimitState": obj({
         "name": NAME, "algorithm": {"type": "string"},
         "limit": {**COUNT, "description": "capacity, limit, queue or max"},
@@ -154,9 +161,10 @@ SCHEMAS: Final[dict[str, Schema]] = {
         "limits": {"type": "array", "items": ref("LimitState")},
         "routes": {"type": "array", "items": ref("RouteLimits"),
                    "description": "each route with limits: this client's state in them (none if unlimited)"},
-        "banned_until": nullable({"type": "string", "format": "date-time"}),
-        "ban_seconds_left": nullable({"type": "number", "minimum": 0}),
-    }, optional=("banned_until", "ban_seconds_left")),
+        "banned_until": nullable({"type": "string", "format": "date-time",
+                                  "description": "when the tier's penalty ban ends (RFC 3339, UTC); null: not banned"}),
+        "ban_seconds_left": nullable({"type": "integer", "minimum": 1, "description": "what Retry-After says now"}),
+    }),
     "CheckRequest": {
         **obj({
             "key": {"type": "string", "minLength": 1, "description": "any identity (its own namespace)"},

@@ -28,6 +28,7 @@ class RequestRecord:
     limit: str | None = None  # refusing limit's name, when blocked
     shadow: tuple[str, ...] = ()  # shadow limits that would have refused this request
     remaining: int | None = None
+    banned: float = 0.0  # refused by the tier's penalty ban: its seconds left (proxy.penalty)
 
 
 Observer = Callable[[RequestRecord], None]

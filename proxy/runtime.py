@@ -18,6 +18,7 @@ from .config import Config
 from .forward import Upstream
 from .limiter import Limiter
 from .metrics import Metrics
+from .penalty import PenaltyBox
 from .records import Observer, RequestRecord
 from .stats import Stats
 from .tunnel import Tunnels
@@ -54,6 +55,7 @@ class Runtime:
     tunnels: Tunnels = field(default_factory=Tunnels)  # upgraded connections open now
     metrics: Metrics = field(init=False)
     observers: list[Observer] = field(init=False)
+    penalties: PenaltyBox = field(init=False)  # strikes and bans (tiers.<name>.penalty)
     access_log: AccessLog | None = None  # None: one on stderr in config's log.format
     version: int = 1
     loaded_at: float = field(default_factory=time.time)
@@ -67,7 +69,8 @@ class Runtime:
         self.metrics = Metrics(storage_errors=lambda: limiter.errors, storage_healthy=lambda: limiter.healthy)
         if self.access_log is None:
             self.access_log = AccessLog(self.config.log_format)
-        self.observers = [self.stats.observe, self.metrics.observe, self.access_log]
+        self.penalties = PenaltyBox(lambda: self.config, limiter, self.metrics.registry)
+        self.observers = [self.stats.observe, self.metrics.observe, self.access_log, self.penalties.observe]
 
     def set_upstream(self, upstream: Upstream) -> None:
         """Forward to `upstream` from now on; a new origin gets a new pool (the old

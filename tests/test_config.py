@@ -412,7 +412,7 @@ CASES = [
          "storage.on_eror: unknown key (known: backend, cluster, key_prefix, on_error, timeout, url)"),
     case("typo-nested-log", "log: {fromat: json}", "log.fromat: unknown key (known: format)"),
     case("typo-nested-tier", "tiers: {anonymous: {unlimted: true}}",
-         "tiers.anonymous.unlimted: unknown key (known: limits, unlimited)"),
+         "tiers.anonymous.unlimted: unknown key (known: limits, penalty, unlimited)"),
     case("top-level-non-string-key", "1: 2", "keys must be strings, got 1"),
     case("duplicate-key", "server:\n  port: 1\n  port: 2\n", 'server: duplicate key "port" (line 3); the last one would win'),
     case("duplicate-section", "server: {port: 1}\nadmin: {}\nserver: {port: 2}\n", 'top level: duplicate key "server" (line 3); the last one would win'),

@@ -46,6 +46,7 @@ tiers:
       - {name: daily, algorithm: fixed_window, limit: 100, window: 86400}
       - {name: trial, algorithm: sliding_window, limit: 1, window: 60, shadow: true}
       - {name: inflight, algorithm: concurrency, max: 4}
+    penalty: {after: 1, within: 60, ban: 600}
   internal: {unlimited: true}
 api_keys:
   demo-free-key: {tier: free, name: demo-free}
@@ -197,6 +198,9 @@ async def healthy_answers(tg: Tollgate, c: Conformance, config_path: Path) -> No
     assert status == 200 and stats["top_clients"] and stats["timeline"]  # rows and points were checked too
     assert {row["remaining"] for row in stats["top_clients"]} >= {0, None}  # keyed and unlimited
     assert stats["totals"]["shadow_blocked"] > 0 and stats["limits"]["routes"][0]["limits"][0]["remaining"] > 0
+    assert [row["id"] for row in stats["banned"]] == ["demo-free"]  # its refusal banned it
+    status, client = await c.call(tg, "GET", "/api/clients/demo-free", headers=AUTH)
+    assert status == 200 and client["banned_until"] is not None and client["ban_seconds_left"] is not None
     await c.stream_event(tg)
     for client_id in ("demo-free", "ops", "127.0.0.1", "2001:db8::1"):
         assert (await c.call(tg, "GET", f"/api/clients/{client_id}", headers=AUTH))[0] == 200
@@ -275,7 +279,8 @@ async def test_real_answers_match_the_document(upstream, tmp_path):
 def test_an_undocumented_field_fails_the_check():
     c = Conformance()
     spec = c.response_spec("GET", "/api/clients/x", 200)
-    state = {"id": "x", "tier": "free", "unlimited": False, "limits": [], "routes": []}
+    state = {"id": "x", "tier": "free", "unlimited": False, "limits": [], "routes": [], "banned_until": None,
+             "ban_seconds_left": None}
     c.check_body(spec, "application/json", state)
     with pytest.raises(AssertionError, match="'surprise' was unexpected"):
         c.check_body(spec, "application/json", {**state, "surprise": 1})

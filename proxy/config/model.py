@@ -97,7 +97,8 @@ class LimitSet:
 
     `shown` indexes the limits the RateLimit headers list: the enforced
     quotas. Shadow limits are not shown to clients, and concurrency limits
-    are no quota over time.
+    are no quota over time, nor is a penalty's ban (first when the tier
+    has one: decided in the same store call as the limits, at no cost).
     """
 
     limits: tuple[Limit, ...]
@@ -107,12 +108,15 @@ class LimitSet:
     per_client: bool = field(init=False)  # every limit counts the client: subjects are its identity
     shadow: bool = field(init=False)  # some limit is a shadow
     concurrent: tuple[int, ...] = field(init=False)  # indexes of concurrency limits (slots to give back)
+    banning: bool = field(init=False)  # limit 0 is the tier's penalty ban (proxy.penalty)
     # proxy.ratelimit_headers' serialized header lines, by the state they show
     header_lines: dict[Any, bytes] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        shown = tuple(i for i, limit in enumerate(self.limits) if not limit.shadow and not limit.concurrent)
+        shown = tuple(i for i, limit in enumerate(self.limits)
+                      if not limit.shadow and not limit.concurrent and limit.algorithm.short != "bn")
         set_ = object.__setattr__
+        set_(self, "banning", bool(self.limits) and self.limits[0].algorithm.short == "bn")
         set_(self, "shown", shown)
         set_(self, "policy_header", ", ".join(policy_item(self.limits[i]) for i in shown))
         set_(self, "capacity_texts", tuple(str(self.limits[i].algorithm.capacity) for i in shown))
@@ -122,16 +126,36 @@ class LimitSet:
 
 
 @dataclass(frozen=True, slots=True)
+class Penalty:
+    """`tiers.<name>.penalty`: `after` strikes (refusals, or upstream answers
+    with one of `statuses`) within `within` seconds ban a client for the
+    ban's seconds. `strikes` counts them (a sliding window of `after` - 1:
+    the one it refuses bans) and `ban` is the LimitSet's first limit."""
+
+    after: int
+    within: float
+    statuses: frozenset[int]
+    strikes: Limit
+    ban: Limit
+
+
+@dataclass(frozen=True, slots=True)
 class Tier:
     """A tier's limits, and the LimitSet of a request on a route without limits of its own."""
 
     name: str
     limits: tuple[Limit, ...]
     unlimited: bool = False
+    penalty: Penalty | None = None
     limit_set: LimitSet = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "limit_set", LimitSet(self.limits))
+        object.__setattr__(self, "limit_set", LimitSet(self.decided))
+
+    @property
+    def decided(self) -> tuple[Limit, ...]:
+        """What a request of this tier is decided on: its ban first, if any, then its limits."""
+        return self.limits if self.penalty is None else (self.penalty.ban, *self.limits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +192,7 @@ class Config:
     def __post_init__(self) -> None:
         object.__setattr__(self, "route_table", RouteTable(self.routes))
         object.__setattr__(self, "route_sets", {
-            (tier.name, index): LimitSet(tier.limits + route.limits)
+            (tier.name, index): LimitSet(tier.decided + route.limits)
             for index, route in enumerate(self.routes) if route.limits
             for tier in self.tiers.values() if not tier.unlimited
         })
@@ -187,6 +211,8 @@ class Config:
     def all_limits(self) -> list[Limit]:
         """Every limit whose state the stores keep, tiers' and routes' alike."""
         return ([limit for tier in self.tiers.values() for limit in tier.limits]
+                + [limit for tier in self.tiers.values() if tier.penalty
+                   for limit in (tier.penalty.strikes, tier.penalty.ban)]
                 + [limit for route in self.routes for limit in (*route.limits, *route.messages)])
 
     def key_by_name(self, name: str) -> ApiKey | None:

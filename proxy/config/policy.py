@@ -14,6 +14,7 @@ from ..selectors import CLIENT
 from ..selectors import parse as parse_selectors
 from .checks import CONTROL_RE, MISSING, Checker, show
 from .model import ApiKey, Tier
+from .penalty import read_penalty
 from .sections import HEADER_NAME_RE
 
 NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]+\Z")
@@ -116,7 +117,7 @@ def read_tiers(ck: Checker, raw: Any, require_key: bool, *, lease: float) -> dic
         if not NAME_RE.match(name):
             ck.error(path, "tier names must match [A-Za-z0-9_-]+", name)
             continue
-        body = ck.mapping(path, spec, {"limits": None, "unlimited": None})
+        body = ck.mapping(path, spec, {"limits": None, "unlimited": None, "penalty": None})
         unlimited = ck.boolean(f"{path}.unlimited", body.get("unlimited", False), False)
         raw_limits = body.get("limits")
         if unlimited and raw_limits:
@@ -131,7 +132,8 @@ def read_tiers(ck: Checker, raw: Any, require_key: bool, *, lease: float) -> dic
             limit = _limit(ck, f"{path}.limits[{i}]", item, name, taken, lease=lease)
             if limit is not None:
                 limits.append(limit)
-        tiers[name] = Tier(name=name, limits=tuple(limits), unlimited=unlimited)
+        penalty = read_penalty(ck, f"{path}.penalty", body.get("penalty"), name, unlimited=unlimited)
+        tiers[name] = Tier(name=name, limits=tuple(limits), unlimited=unlimited, penalty=penalty)
     if "anonymous" not in specs and not require_key:
         ck.error("tiers.anonymous", "is required unless clients.require_key is true")
     return tiers

@@ -354,6 +354,61 @@ class Concurrency(Algorithm):
         return state - 1 if state and state > 1 else None
 
 
+class Ban(Algorithm):
+    """A tier's penalty box (`tiers.<name>.penalty`), decided with the limits:
+    refuses while the client is banned, for the seconds left.
+
+    State: the instant the ban ends (integer microseconds). Not configurable
+    as a limit (absent from `ALGORITHMS`) and never shown in the headers;
+    `strike` is what sets the state. A check never changes it, so deciding
+    costs no write.
+    """
+
+    name = "ban"
+    short = "bn"
+    PARAMS = {"seconds": POSITIVE}
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.seconds_us = max(1, to_micros(seconds))
+
+    @property
+    def capacity(self) -> int:
+        return 1
+
+    @property
+    def window(self) -> int:
+        return max(1, math.ceil(self.seconds - EPS))
+
+    def check(self, state: State, now: int, cost: int) -> tuple[Outcome, State]:
+        return self.peek(state, now), state
+
+    def peek(self, state: State, now: int) -> Outcome:
+        if state is not None and state > now:
+            left = (state - now) / US
+            return Outcome(False, 0, left, left)
+        return Outcome(True, 1, 0.0)
+
+    def ttl(self, state: State, now: int) -> float:
+        return (state - now) / US if state is not None and state > now else 0.0
+
+
+def strike(strikes: SlidingWindow, ban: Ban, counted: State, banned: State, now: int) -> tuple[State, State]:
+    """One strike against a client: (strikes' new state, ban's new state).
+
+    `strikes` counts them in a sliding window whose limit is `after - 1`, so
+    the strike that reaches `after` is the one it refuses: that strike bans
+    (ends at now + ban) and starts the count over. A strike while banned
+    changes nothing: a ban lasts what Retry-After promised.
+    """
+    if banned is not None and banned > now:
+        return counted, banned
+    outcome, kept = strikes.check(counted, now, 1)
+    if outcome.allowed:
+        return kept, None
+    return None, now + ban.seconds_us
+
+
 ALGORITHMS: Final[Mapping[str, type[Algorithm]]] = {
     cls.name: cls for cls in (TokenBucket, SlidingWindow, FixedWindow, LeakyBucket, Concurrency)
 }

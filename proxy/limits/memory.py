@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from .algorithms import US, Concurrency, Outcome, State, check_all, to_micros
+from .algorithms import US, Ban, Concurrency, Outcome, SlidingWindow, State, check_all, strike, to_micros
 from .store import Clock, Limit, Store, wall_clock
 
 SWEEP_CHUNK = 5_000  # entries examined between yields to the event loop
@@ -82,6 +82,28 @@ class MemoryStore(Store):
 
     async def release(self, subjects: Sequence[str], limits: Sequence[Limit], ticket: str) -> None:
         self.release_now(subjects, limits)
+
+    def strike_now(self, subject: str, strikes: Limit, ban: Limit) -> float | None:
+        """`strike` without the coroutine: the end of the ban it starts (epoch seconds), or None."""
+        assert isinstance(strikes.algorithm, SlidingWindow) and isinstance(ban.algorithm, Ban)
+        now = to_micros(self._clock())
+        counted_table, ban_table = self._table(strikes), self._table(ban)
+        banned = ban_table.get(subject)
+        counted, new_ban = strike(strikes.algorithm, ban.algorithm, counted_table.get(subject), banned, now)
+        if counted is None:
+            counted_table.pop(subject, None)
+        else:
+            counted_table[subject] = counted
+        if new_ban is None or new_ban == banned:
+            return None
+        ban_table[subject] = new_ban
+        return float(new_ban / US)
+
+    async def strike(self, subject: str, strikes: Limit, ban: Limit) -> float | None:
+        return self.strike_now(subject, strikes, ban)
+
+    def now(self) -> float:
+        return self._clock()
 
     def in_flight(self, limit: Limit) -> int:
         """Slots held now in a concurrency limit, over all its subjects."""

@@ -39,6 +39,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError, S
 from ..bounded import keep
 from ..config import StorageConfig, mask_url
 from .algorithms import (
+    Ban,
     Concurrency,
     FixedWindow,
     LeakyBucket,
@@ -150,6 +151,20 @@ class RedisStore(Store):
 
     async def renew(self, subjects: Sequence[str], limits: Sequence[Limit], ticket: str) -> None:
         await self._slots("renew", subjects, limits, ticket)
+
+    async def strike(self, subject: str, strikes: Limit, ban: Limit) -> float | None:
+        """Store.strike: one script call (mode "strike"), both keys under the subject's hash tag."""
+        keys = [self.key(subject, strikes), self.key(subject, ban)]
+        now = "" if self._clock is None else str(to_micros(self._clock()))
+        args = ["strike", now, "1", "", str(NO_DEADLINE),
+                *(arg for limit in (strikes, ban) for arg in (*script_args(limit), "0"))]
+        reply = await self._call(lambda: self._script(keys=keys, args=args))
+        if not isinstance(reply, list) or len(reply) != 2:
+            raise StorageUnavailable(f"unexpected reply from acquire.lua: {reply!r:.200}")
+        return int(reply[1]) / 1e6 if reply[0] == 1 else None
+
+    def now(self) -> float:
+        return self._clock() if self._clock is not None else super().now()
 
     async def _slots(self, mode: str, subjects: Sequence[str], limits: Sequence[Limit], ticket: str) -> None:
         """Concurrency slots only: each key on its own, so a Cluster needs no common slot."""
@@ -391,6 +406,8 @@ def script_args(limit: Limit) -> tuple[str, str, str]:
     params: tuple[float, float]
     if isinstance(algorithm, Concurrency):
         params = (algorithm.max, max(1, to_micros(limit.lease or DEFAULT_LEASE)))
+    elif isinstance(algorithm, Ban):
+        params = (algorithm.seconds_us, 0)
     elif isinstance(algorithm, TokenBucket):
         params = (algorithm.capacity, algorithm.refill_rate)
     elif isinstance(algorithm, (SlidingWindow, FixedWindow)):

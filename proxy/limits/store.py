@@ -91,6 +91,17 @@ class Store(ABC):
     async def release(self, subjects: Sequence[str], limits: Sequence[Limit], ticket: str) -> None:
         """Give back the concurrency slots `acquire` took for `ticket`."""
 
+    async def strike(self, subject: str, strikes: Limit, ban: Limit) -> float | None:
+        """Count one strike of a tier's penalty against `subject` (`strikes`
+        counts them in its sliding window) and, atomically, ban it (`ban`'s
+        state) when the count reaches `after`. Returns when the ban it started
+        ends (epoch seconds), or None (no ban, or one already running)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no penalties")
+
+    def now(self) -> float:
+        """The store's clock (epoch seconds): what a ban's end is shown against."""
+        return wall_clock()
+
     async def renew(self, subjects: Sequence[str], limits: Sequence[Limit], ticket: str) -> None:
         """Keep `ticket`'s slots alive for another lease (stores with leases)."""
 

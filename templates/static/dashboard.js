@@ -98,6 +98,7 @@
     renderClients("top-clients", s.top_clients || []);
     renderClients("top-blocked", s.top_blocked || []);
     renderLimitStates(s.limits || {});
+    renderBanned(s.banned || []);
     drawChart();
   }
 
@@ -188,6 +189,16 @@
     });
     if (!rows.length) rows.push(h("tr", { class: "empty" }, h("td", { colSpan: 5 }, "No clients yet")));
     $(id).tBodies[0].replaceChildren(...rows);
+  }
+
+  function renderBanned(bans) {
+    const rows = bans.map((b) => h("tr", { data: { clientId: b.id } },
+      h("td", { class: "id", title: b.id }, b.id),
+      h("td", { class: "opt" }, h("span", { class: "tier" }, b.tier || DASH)),
+      h("td", { class: "num bad" }, fmt.count(b.seconds_left)),
+      h("td", {}, h("time", {}, b.banned_until || DASH))));
+    if (!rows.length) rows.push(h("tr", { class: "empty" }, h("td", { colSpan: 4 }, "No client is banned")));
+    $("banned").tBodies[0].replaceChildren(...rows);
   }
 
   // ---- chart -------------------------------------------------------------

@@ -8,8 +8,10 @@
 --
 -- KEYS[i]  the state of limit i for its subject
 -- ARGV[1]  "acquire" (check, and charge only if every enforced limit allows),
---          "peek", for concurrency slots "release" and "renew", or "refund"
---          (undo an acquire made at ARGV[2] that a Cluster decision took back)
+--          "peek", for concurrency slots "release" and "renew", "refund"
+--          (undo an acquire made at ARGV[2] that a Cluster decision took back), or
+--          "strike": one strike of a penalty, KEYS[1] its strikes (an sw limit whose
+--          limit is `after` - 1), KEYS[2] its ban (bn); see `algorithms.strike`
 -- ARGV[2]  now in integer microseconds, or "" for the server clock (TIME)
 -- ARGV[3]  cost (ignored by peek)
 -- ARGV[4]  the request's ticket: the member naming its concurrency slots
@@ -21,7 +23,10 @@
 --   tb: capacity, refill_rate   sw: limit, window_us
 --   fw: limit, window_us        lb: rate, queue
 --   cc: max, lease_us
--- Returns 9 integers per limit: allowed (1/0), then remaining, reset,
+--   bn: ban_us, 0  (a penalty's ban: refuses while banned; its state is when
+--       the ban ends, written only by "strike", never by a decision)
+-- "strike" returns {1, ban end in us} when it starts a ban, else {0, 0}.
+-- Otherwise returns 9 integers per limit: allowed (1/0), then remaining, reset,
 -- retry_after and delay, each as two integers m, e with the number = m * 2^e
 -- exactly (see `put_exact`).
 --
@@ -394,16 +399,45 @@ local function load_cc()
   return CC
 end
 
+-- Ban: "the ban ends at <us>"; a decision only reads it ---------------------------
+
+local function load_bn()
+  local BN = {}
+
+  function BN.params(p1, p2)
+    return {ban_us = p1}
+  end
+
+  function BN.read(key, now)
+    return tonumber(redis.call('GET', key))
+  end
+
+  function BN.check(a, state, now, cost)
+    if state ~= nil and state > now then
+      local left = (state - now) / US
+      return outcome(false, 0, left, left), state
+    end
+    return outcome(true, 1, 0.0), state
+  end
+
+  BN.peek = BN.check
+
+  function BN.write(key, a, state, now, ticket)
+  end
+  return BN
+end
+
 -- The decision -------------------------------------------------------------------
 
 -- Each algorithm's functions are made only when a limit uses it: every call
 -- runs this whole chunk, and building all four's closures cost more Redis CPU
 -- (about 4 us a call, INFO commandstats) than a token bucket's arithmetic.
-local LOADERS = {tb = load_tb, sw = load_sw, fw = load_fw, lb = load_lb, cc = load_cc}
+local LOADERS = {tb = load_tb, sw = load_sw, fw = load_fw, lb = load_lb, cc = load_cc, bn = load_bn}
 local ALGORITHMS = {}
 
 local mode = ARGV[1]
-if mode ~= 'acquire' and mode ~= 'peek' and mode ~= 'release' and mode ~= 'renew' and mode ~= 'refund' then
+if mode ~= 'acquire' and mode ~= 'peek' and mode ~= 'release' and mode ~= 'renew' and mode ~= 'refund'
+    and mode ~= 'strike' then
   return redis.error_reply('unknown mode ' .. tostring(mode))
 end
 local now
@@ -490,7 +524,7 @@ if mode == 'refund' then
   for i = 1, #KEYS do
     if algs[i].write ~= nil then
       redis.call('ZREM', KEYS[i], ticket)
-    elseif states[i] ~= nil then
+    elseif states[i] ~= nil and algs[i].refund ~= nil then  -- a ban check wrote nothing to undo
       local state = algs[i].refund(params[i], states[i], now, cost)
       if state == nil then
         redis.call('DEL', KEYS[i])
@@ -500,6 +534,23 @@ if mode == 'refund' then
     end
   end
   return {}
+end
+
+if mode == 'strike' then
+  -- algorithms.strike: no change while banned; the strike that the window
+  -- refuses (the `after`-th) bans and starts the count over.
+  if states[2] ~= nil and states[2] > now then
+    return {0, 0}
+  end
+  local o, kept = algs[1].check(params[1], states[1], now, 1)
+  if o[1] then
+    save(1, kept)
+    return {0, 0}
+  end
+  redis.call('DEL', KEYS[1])
+  local ends = now + params[2].ban_us
+  redis.call('SET', KEYS[2], fmt(ends), 'PX', string.format('%d', math.ceil(params[2].ban_us / 1000)))
+  return {1, ends}
 end
 
 local outcomes = {}
