@@ -16,11 +16,14 @@ from .accesslog import AccessLog
 from .config import Config
 from .forward import Upstream
 from .limiter import Limiter
+from .limits.memory import MemoryStore
+from .limits.store import wall_clock
 from .metrics import Metrics
 from .records import Observer, RequestRecord
 from .stats import Stats
 from .tunnel import Tunnels
 from .upstream import Pool
+from .whatif import Recorder
 
 
 def upstream_of(config: Config) -> Upstream:
@@ -46,6 +49,7 @@ class Runtime:
     loaded_at: float = field(default_factory=time.time)
     last_error: str | None = None
     reloader: Any = None  # proxy.reload.Reloader, set by the composition root
+    recorder: Recorder = field(init=False)  # the limited requests POST /api/whatif replays
 
     def __post_init__(self) -> None:
         self.upstream = upstream_of(self.config)
@@ -53,6 +57,9 @@ class Runtime:
         self.metrics = Metrics(storage_errors=lambda: health.errors, storage_healthy=lambda: health.healthy)
         if self.access_log is None:
             self.access_log = AccessLog(self.config.log_format)
+        # Recorded on the clock the decisions were made at, so a replay decides at the same instants.
+        store = self.limiter.store
+        self.recorder = Recorder(self.config, store.clock if isinstance(store, MemoryStore) else wall_clock)
         self.observers = [self.stats.observe, self.metrics.observe, self.access_log]
 
     def set_upstream(self, upstream: Upstream) -> None:

@@ -20,6 +20,7 @@ from .model import (
     StorageConfig,
     Tier,
     UpstreamConfig,
+    WhatifConfig,
     policy_item,
 )
 from .policy import hash_key
@@ -38,6 +39,7 @@ __all__ = [
     "StorageConfig",
     "Tier",
     "UpstreamConfig",
+    "WhatifConfig",
     "build",
     "from_text",
     "hash_key",

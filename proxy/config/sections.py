@@ -1,8 +1,9 @@
-"""The flat sections: server, admin, upstream, storage, clients and log."""
+"""The flat sections: server, admin, upstream, storage, clients, whatif and log."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -17,8 +18,10 @@ from .checks import (
     read_section,
     read_url,
 )
-from .model import AdminConfig, ClientsConfig, ServerConfig, StorageConfig, UpstreamConfig
+from .model import AdminConfig, ClientsConfig, ServerConfig, StorageConfig, UpstreamConfig, WhatifConfig
 
+WHATIF_MAX_MINUTES: Final = 1440  # a day: the record is for "what would my last change have done"
+WHATIF_MAX_REQUESTS: Final = 100_000_000  # ~5 GB of record: beyond this a typo, not a plan
 HEADER_NAME_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 
@@ -61,7 +64,24 @@ def read_sections(ck: Checker, raw: dict[str, Any]) -> dict[str, Any]:
         "trusted_proxies": lambda p, v, d: read_networks(ck, p, v),
         "ipv6_prefix": lambda p, v, d: read_prefix_length(ck, p, v, d),
     })
+    whatif = read_section(ck, raw, "whatif", WhatifConfig, {
+        "minutes": _bounded(ck, read_positive(ck), WHATIF_MAX_MINUTES),
+        "max_requests": _bounded(ck, read_positive(ck, minimum=0, exclusive=False, integer=True),
+                                 WHATIF_MAX_REQUESTS),
+    })
     log = ck.mapping("log", raw.get("log"), {"format": None})
     log_format = ck.choice("log.format", log["format"], "text", ("text", "json")) if "format" in log else "text"
     return {"server": server, "admin": admin, "upstream": upstream, "storage": storage,
-            "clients": clients, "log_format": log_format}
+            "clients": clients, "whatif": whatif, "log_format": log_format}
+
+
+def _bounded(ck: Checker, read: Callable[[str, Any, Any], Any], most: int) -> Callable[[str, Any, Any], Any]:
+    """`read`, then an upper bound (a number beyond it is a typo)."""
+    def reader(path: str, value: Any, default: Any) -> Any:
+        before = len(ck.errors)
+        out = read(path, value, default)
+        if len(ck.errors) == before and out > most:
+            ck.error(path, f"must be at most {most}", value)
+            return default
+        return out
+    return reader
