@@ -13,6 +13,7 @@ from harness import Tollgate, running
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import config as config_module
+from proxy import whatif as whatif_module
 from proxy.config import ConfigError
 from proxy.identity import Client
 from proxy.routes import Route
@@ -178,14 +179,15 @@ async def test_the_record_holds_no_raw_key_nor_selected_value(upstream, fake_clo
         recorder = tg.runtime.recorder
         spans = recorder.snapshot()
         assert sum(end - start for _, start, end in spans) == len(recorder) > 40
-        dump = repr([(c.methods, c.paths, list(c.costs), c.digests, c.addresses, c.values, c.plan.keys,
-                      c.plan.digest_of, c.plan.names) for c, _, _ in spans]).encode()
+        dump = repr([(c.words, c.index, bytes(c.values), c.plan.keys, c.plan.digest_of, c.plan.names)
+                     for c, _, _ in spans]).encode()
         assert b"-key" not in dump  # free-key-1, ops-key, not-a-key: keys are there only as digests
         assert b"tenant-" not in dump and b"x-tenant" in dump  # the selector is named, its values hashed
         assert config_module.hash_key("not-a-key").encode() in dump  # an unknown key, as its digest
 
 
-def test_the_record_is_bounded_by_count_and_by_age(fake_clock):
+def test_the_record_is_bounded_by_count_and_by_age(fake_clock, monkeypatch):
+    monkeypatch.setattr(whatif_module, "CHUNK", 1000)  # several chunks, dropped whole by age
     config = config_module.from_text("whatif: {minutes: 1, max_requests: 5000}")
     recorder = Recorder(config, fake_clock)
     tier = config.tiers["anonymous"]
@@ -198,12 +200,16 @@ def test_the_record_is_bounded_by_count_and_by_age(fake_clock):
         recorder.record(config, Request(), client, route, f"/p{n}", True)  # type: ignore[arg-type]
     spans = recorder.snapshot()
     assert len(recorder) == 5000 and sum(e - s for _, s, e in spans) == 5000
-    assert spans[0][0].paths[spans[0][1]] == "/p1000"  # the oldest went first
+    first, start, _ = spans[0]
+    assert first.words[first.paths[start]] == "/p1000"  # the oldest went first
     fake_clock.advance(30)
     for _ in range(10):
         recorder.record(config, Request(), client, route, "/late", False)  # type: ignore[arg-type]
     fake_clock.advance(30.5)  # the 6000 are now older than a minute; the 10 are not
     assert [sum(e - s for _, s, e in recorder.snapshot())] == [10]
+    for _ in range(1000):  # the next chunk begins: the old ones go
+        recorder.record(config, Request(), client, route, "/later", True)  # type: ignore[arg-type]
+    assert len(recorder) == 1010 and len(recorder.snapshot()) == 2
     smaller = config_module.from_text("whatif: {minutes: 1, max_requests: 3}")  # a reload shrinks it at once
     recorder.record(smaller, Request(), client, route, "/after", True)  # type: ignore[arg-type]
     assert len(recorder) == 3
