@@ -4,6 +4,7 @@ the same requests at the same (fake) instants."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from typing import Any
@@ -228,3 +229,55 @@ def test_whatif_section_errors_name_the_key():
     ]
     assert config_module.from_text("").whatif.minutes == 10 and config_module.from_text("").whatif.max_requests \
         == 1_000_000
+
+
+async def test_the_dashboard_runs_a_candidate_and_reloads_with_it(upstream, browser, fake_clock, tmp_path):
+    live = LIVE + "admin: {token: dash-secret}\n"
+    stricter = CANDIDATE.replace("{upstream}", upstream.url) + "admin: {token: dash-secret}\n"
+    config_path = tmp_path / "config.yaml"
+    async with running(live, upstream.url, clock=fake_clock, config_path=config_path) as tg:
+        for _ in range(4):
+            await send(tg, "GET", "/users", {"X-API-Key": "free-key-1"})
+        await browser.navigate(tg.admin_url + "/?token=dash-secret")
+        await browser.wait_for("document.getElementById('whatif-run') !== null")
+        js_text = json.dumps("tiers: {free: {limits: 3}}\n")
+        await browser.evaluate(f"(() => {{ const t = document.getElementById('whatif-config'); t.value = {js_text};"
+                               " t.dispatchEvent(new Event('input')); document.getElementById('whatif-run').click()"
+                               " })()")
+        await browser.wait_for("!document.getElementById('whatif-errors').hidden")
+        errors = await browser.evaluate("[...document.querySelectorAll('#whatif-errors li')].map(li => li.textContent)")
+        assert "tiers.free.limits: must be a non-empty list of limits (or set unlimited: true), got 3" in errors
+        assert await browser.evaluate("document.getElementById('whatif-reload').disabled") is True
+
+        await browser.evaluate(f"(() => {{ const t = document.getElementById('whatif-config'); "
+                               f"t.value = {json.dumps(stricter)}; document.getElementById('whatif-run').click() }})()")
+        await browser.wait_for("document.querySelector('#whatif-tiers tr[data-tier=\"free\"]') !== null")
+        cells = await browser.evaluate("[...document.querySelector('#whatif-tiers tr[data-tier=\"free\"]').cells]"
+                                       ".map(td => td.textContent)")
+        assert cells == ["free", "4", "4", "0", "3", "1"]
+        assert await browser.evaluate("document.querySelectorAll('#whatif-chart rect').length") == 2  # then, now
+        assert await browser.evaluate("document.querySelector('#whatif-clients tbody tr').dataset.clientId") == "alice"
+        assert tg.runtime.version == 1  # a what-if changes nothing live
+
+        await browser.evaluate("document.getElementById('whatif-reload').click()")
+        await browser.wait_for("document.getElementById('whatif-status').textContent.startsWith('Reloaded')")
+        assert tg.runtime.version == 2 and config_path.read_text() == stricter
+        assert tg.runtime.config.tiers["free"].limits[0].algorithm.capacity == 3
+        assert browser.errors == [] and browser.dialogs == []
+
+
+async def test_reload_with_a_body_writes_nothing_unless_valid(upstream, tmp_path):
+    config_path = tmp_path / "config.yaml"
+    async with running(LIVE, upstream.url, config_path=config_path) as tg:
+        before = config_path.read_text()
+        async with tg.session.post(tg.admin_url + "/api/reload", data=b"tiers: {free: {limits: 3}}\n") as resp:
+            assert resp.status == 422
+            assert (await resp.json())["errors"] == [
+                "tiers.free.limits: must be a non-empty list of limits (or set unlimited: true), got 3",
+                "tiers.anonymous: is required unless clients.require_key is true"]
+        assert config_path.read_text() == before and tg.runtime.version == 1
+        assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary file left behind
+    async with running(LIVE, upstream.url) as tg:  # no file: nothing to write to
+        async with tg.session.post(tg.admin_url + "/api/reload", data=b"{}\n") as resp:
+            assert resp.status == 422
+            assert (await resp.json())["errors"] == ["no config file to write the candidate to (started without one)"]
