@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import time
@@ -126,6 +127,36 @@ async def replay_loop(session: aiohttp.ClientSession, url: str, candidate: str, 
         out.append(time.perf_counter() - started)
 
 
+async def loop_lag(stop: asyncio.Event, lags: list[float]) -> None:
+    """How late a 1 ms timer fires: what the loop makes every request wait, machine aside."""
+    while not stop.is_set():
+        started = time.perf_counter()
+        await asyncio.sleep(0.001)
+        lags.append((time.perf_counter() - started - 0.001) * 1000)
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    values = sorted(values) or [0.0]
+    return {q: round(values[min(len(values) - 1, int(len(values) * f))], 2)
+            for q, f in (("p50_ms", 0.5), ("p99_ms", 0.99), ("max_ms", 1.0))}
+
+
+class Collections:
+    """Full (generation 2) garbage collections and how long each took, in ms."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.durations: list[float] = []
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.durations.append(round((time.perf_counter() - self.started) * 1000, 1))
+
+
 async def latency(upstream: str, args: argparse.Namespace) -> dict[str, Any]:
     config = config_module.from_text(config_text(upstream, burst=100))
     clock = [time.time() - 60]  # the record ends now: the replay takes all of it
@@ -142,19 +173,31 @@ async def latency(upstream: str, args: argparse.Namespace) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}/users"
         alone, _ = await asyncio.to_thread(run_wrk, url, duration=args.seconds, connections=args.connections,
                                            threads=1)
-        stop, durations = asyncio.Event(), []
+        stop, durations, lags, idle_lags = asyncio.Event(), [], [], []
+        idle_stop = asyncio.Event()
+        probe = asyncio.create_task(loop_lag(idle_stop, idle_lags))
+        await asyncio.sleep(2)
+        idle_stop.set()
+        await probe
+        probe = asyncio.create_task(loop_lag(stop, lags))
+        collections = Collections()
+        gc.callbacks.append(collections)
         replays = asyncio.create_task(replay_loop(session, f"http://127.0.0.1:{admin}/api/whatif", candidate,
                                                   stop, durations))
         during, _ = await asyncio.to_thread(run_wrk, url, duration=args.seconds, connections=args.connections,
                                             threads=1)
         stop.set()
         await replays
+        await probe
+        gc.callbacks.remove(collections)
     return {
         "records": args.records, "record_ns_per_call": round(record_seconds / args.records * 1e9),
         "replay_seconds": [round(d, 2) for d in durations],
         "replay_requests_per_second": round(args.records / min(durations)),
         "alone": {"rps": alone.rps, "p50_ms": alone.p50_ms, "p99_ms": alone.p99_ms},
         "during_replay": {"rps": during.rps, "p50_ms": during.p50_ms, "p99_ms": during.p99_ms},
+        "loop_lag_idle": quantiles(idle_lags), "loop_lag_during_replay_and_wrk": quantiles(lags),
+        "full_collections_during_replay_ms": collections.durations,
     }
 
 
