@@ -17,6 +17,7 @@ from proxy import config as config_module
 from proxy import whatif as whatif_module
 from proxy.config import ConfigError
 from proxy.identity import Client
+from proxy.replay import Replay
 from proxy.routes import Route
 from proxy.whatif import Recorder
 
@@ -281,3 +282,23 @@ async def test_reload_with_a_body_writes_nothing_unless_valid(upstream, tmp_path
         async with tg.session.post(tg.admin_url + "/api/reload", data=b"{}\n") as resp:
             assert resp.status == 422
             assert (await resp.json())["errors"] == ["no config file to write the candidate to (started without one)"]
+
+
+def test_a_concurrency_limit_sees_each_recorded_request_end_before_the_next(fake_clock):
+    live = config_module.from_text("tiers: {anonymous: {unlimited: true}}")
+    recorder = Recorder(live, fake_clock)
+
+    class Request:
+        method, remote, headers = "GET", "192.0.2.1", CIMultiDictProxy(CIMultiDict[str]())
+
+    client = Client("192.0.2.1", live.tiers["anonymous"], "a:192.0.2.1")
+    for _ in range(5):
+        recorder.record(live, Request(), client, Route(path="/"), "/x", True)  # type: ignore[arg-type]
+    candidate = config_module.from_text(
+        "tiers: {anonymous: {limits: [{algorithm: concurrency, max: 1}, {algorithm: fixed_window, limit: 3, "
+        "window: 60}]}}")
+    run = Replay(candidate)
+    for _ in run.steps(recorder.snapshot()):
+        pass
+    assert run.answer(fake_clock())["tiers"] == {"anonymous": {
+        "requests": 5, "allowed_then": 5, "refused_then": 0, "allowed_candidate": 3, "refused_candidate": 2}}
