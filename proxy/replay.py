@@ -47,7 +47,7 @@ Counts = list[int]  # requests, allowed_then, refused_then, allowed_candidate, r
 
 
 class Replay:
-    """One candidate's replay; `run` once, then `answer`."""
+    """One candidate's replay: drive `steps` to the end once, then `answer`."""
 
     def __init__(self, candidate: Config) -> None:
         self.candidate = candidate
