@@ -47,7 +47,8 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
         if refused is not None:
             record = RequestRecord(request.method, request.path, request.remote or "", "-", "rejected")
             return _finish(runtime, record, refused, started)
-    route = config.route_table.match(request.method, route_path(target)) or NO_ROUTE
+    path = route_path(target)
+    route = config.route_table.match(request.method, path) or NO_ROUTE
     limit = config.server.max_body_size
     if limit is not None and (request.content_length or 0) > limit:
         # Refused before the limiter, as nginx does: a declared oversize body costs no quota.
@@ -66,6 +67,7 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
     client_id, tier, identity, claims = client
     record = RequestRecord(request.method, request.path, client_id, tier.name, "allowed", identity)
     if tier.unlimited:
+        runtime.recorder.record(config, request, client, route, path, True)
         return await _forward(request, runtime, record, started, b"")
     limit_set = config.limit_set(tier, route)
     subjects = subjects_of(limit_set, identity, lambda: Facts(
@@ -76,6 +78,7 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
     if decision is None:
         decision = await limiter.consult_store(limit_set, subjects, route.cost, ticket)
     verdict, outcomes = decision
+    runtime.recorder.record(config, request, client, route, path, verdict.allowed)
     if limit_set.shadow and outcomes:
         record.shadow = shadow_refusals(limit_set, outcomes)
     lines = rate_limit_lines(limit_set, outcomes) if outcomes else b""

@@ -201,8 +201,13 @@ SCHEMAS: Final[dict[str, Schema]] = {
         "requests": COUNT,
         "tiers": {"type": "object", "additionalProperties": ref("WhatifCounts")},
         "clients": {"type": "array", "items": ref("WhatifClient"), "maxItems": 50,
-                    "description": "the 50 most affected"},
-    }),
+                    "description": "the 50 clients whose allowed count changes most"},
+        "unrecorded_selectors": {"type": "array", "items": {"type": "string"}, "description":
+                                 "selectors of the candidate's limits whose values were not recorded (the "
+                                 "live config selected none of them): replayed as missing, so those requests "
+                                 "share one state"},
+    }, description="`from` and `to` are the first and last replayed request (both now when none); tiers and "
+                   "clients are those the live config gave each request then."),
 }
 
 
@@ -232,6 +237,9 @@ CLIENT_ID: Final = {
     "description": "a key's `name`, `jwt:<subject>`, or an address (IPv6: any address of the prefix network)",
 }
 UNKNOWN_CLIENT: Final = problem_response("No key has this name and it is not an address.", "unknown_client")
+
+YAML_BODY: Final = {m: {"schema": {"type": "string", "description": "a config.yaml"}}
+                    for m in ("application/yaml", "text/yaml")}
 
 PATHS: Final[dict[str, dict[str, Any]]] = {
     "/healthz": {"get": {"operationId": "health", "summary": "200 while the process runs",
@@ -273,16 +281,20 @@ PATHS: Final[dict[str, dict[str, Any]]] = {
     }},
     "/api/reload": {"post": {
         "operationId": "reload", "summary": "Re-read the config file now",
+        "description": "With a body (a candidate config.yaml, as the dashboard's what-if sends it): the "
+                       "candidate is validated, written over the config file (by a rename) and reloaded, so "
+                       "that a later SIGHUP, file change or restart keeps it. An invalid one writes nothing.",
+        "requestBody": {"required": False, "content": YAML_BODY},
         "responses": {"200": json_response("The new config is in force.", ref("Reloaded")),
                       "422": json_response("Invalid: the old config stays in force.", ref("ReloadRefused"))},
     }},
     "/api/whatif": {"post": {
         "operationId": "whatif", "summary": "Replay recent traffic through a candidate config",
         "description": "Replays the limited requests of the last `whatif.minutes` through the candidate's "
-                       "tiers, routes and limits on a private store, without touching live state.",
-        "requestBody": {"required": True, "content": {
-            m: {"schema": {"type": "string", "description": "a config.yaml"}}
-            for m in ("application/yaml", "text/yaml")}},
+                       "identity rules, tiers, routes and limits on a private store at the recorded times, "
+                       "without touching live state. Not recorded, so assumed: each request ends before the "
+                       "next (concurrency limits), addresses as the live trusted proxies gave them.",
+        "requestBody": {"required": True, "content": YAML_BODY},
         "responses": {"200": json_response("Then and under the candidate, per tier and per client.",
                                            ref("WhatifResult")),
                       "422": json_response("The candidate is invalid: every error, as for reload.",

@@ -63,6 +63,23 @@ def _digest(path: str) -> str | None:
         return None
 
 
+def _write_atomically(path: str, text: str) -> None:
+    """Write beside the file, then rename over it: a reader sees the old or the new file, whole."""
+    temporary = f"{path}.tollgate-{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(OSError):
+            os.chmod(temporary, os.stat(path).st_mode & 0o7777)
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 def _blank(path: str) -> bool:
     """Nothing but white space (YAML reads that as an empty config)."""
     try:
@@ -101,6 +118,28 @@ class Reloader:
 
     async def reload(self, trigger: str) -> ReloadResult:
         async with self._lock:
+            return await self._reload(trigger)
+
+    async def reload_with(self, text: str, trigger: str) -> ReloadResult:
+        """Make `text` the config file's content, then reload it as any trigger does.
+
+        The file, not only the running config, takes the candidate: otherwise
+        the next SIGHUP, file change or restart would silently bring the old
+        config back. An invalid candidate writes nothing; the file is replaced
+        by a rename (never half-written), keeping its mode.
+        """
+        async with self._lock:
+            path = self.runtime.config.path
+            if path is None:
+                return self._refused(trigger, ["no config file to write the candidate to (started without one)"])
+            try:
+                config_module.from_text(text, path)
+            except ConfigError as exc:
+                return self._refused(trigger, exc.errors)
+            try:
+                _write_atomically(path, text)
+            except OSError as exc:
+                return self._refused(trigger, [f"{path}: cannot write: {exc.strerror or exc}"])
             return await self._reload(trigger)
 
     async def _reload(self, trigger: str) -> ReloadResult:

@@ -17,12 +17,15 @@ from .accesslog import AccessLog
 from .config import Config
 from .forward import Upstream
 from .limiter import Limiter
+from .limits.memory import MemoryStore
+from .limits.store import wall_clock
 from .metrics import Metrics
 from .penalty import PenaltyBox
 from .records import Observer, RequestRecord
 from .stats import Stats
 from .tunnel import Tunnels
 from .upstream import Pool
+from .whatif import Recorder
 from .wsgate import GateClosed
 
 log = logging.getLogger("tollgate.websocket")
@@ -62,6 +65,7 @@ class Runtime:
     last_error: str | None = None
     reloader: Any = None  # proxy.reload.Reloader, set by the composition root
     workers: Workers | None = None  # set in a supervisor: the admin port shows the sum over them
+    recorder: Recorder = field(init=False)  # the limited requests POST /api/whatif replays
 
     def __post_init__(self) -> None:
         self.upstream = upstream_of(self.config)
@@ -69,6 +73,9 @@ class Runtime:
         self.metrics = Metrics(storage_errors=lambda: limiter.errors, storage_healthy=lambda: limiter.healthy)
         if self.access_log is None:
             self.access_log = AccessLog(self.config.log_format)
+        # Recorded on the clock the decisions were made at, so a replay decides at the same instants.
+        store = self.limiter.store
+        self.recorder = Recorder(self.config, store.clock if isinstance(store, MemoryStore) else wall_clock)
         self.penalties = PenaltyBox(lambda: self.config, limiter, self.metrics.registry)
         self.observers = [self.stats.observe, self.metrics.observe, self.access_log, self.penalties.observe]
 

@@ -32,7 +32,7 @@ from proxy.config import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRET = "super-secret-key-123"
-TOP_KNOWN = "admin, api_keys, clients, log, routes, server, storage, tiers, upstream"
+TOP_KNOWN = "admin, api_keys, clients, log, routes, server, storage, tiers, upstream, whatif"
 ALGOS = "token_bucket, sliding_window, fixed_window, leaky_bucket, concurrency"
 
 

@@ -22,6 +22,7 @@ from .model import (
     StorageConfig,
     Tier,
     UpstreamConfig,
+    WhatifConfig,
     policy_item,
 )
 from .policy import hash_key
@@ -42,6 +43,7 @@ __all__ = [
     "StorageConfig",
     "Tier",
     "UpstreamConfig",
+    "WhatifConfig",
     "build",
     "from_text",
     "hash_key",

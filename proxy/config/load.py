@@ -58,7 +58,7 @@ def parse_yaml(text: str) -> tuple[Any, list[str]]:
     return tree, duplicates
 
 
-TOP_KEYS: Final = ("server", "admin", "upstream", "storage", "clients", "log", "tiers", "api_keys", "routes")
+TOP_KEYS: Final = ("server", "admin", "upstream", "storage", "clients", "whatif", "log", "tiers", "api_keys", "routes")
 
 
 def build(tree: Any, path: str | None = None, *, errors: list[str] | None = None) -> Config:

@@ -86,6 +86,14 @@ class ClientsConfig:
     jwt: JwtConfig | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class WhatifConfig:
+    """How much recent traffic POST /api/whatif can replay (proxy.whatif)."""
+
+    minutes: float = 10.0
+    max_requests: int = 1_000_000  # 0: record nothing
+
+
 def policy_item(limit: Limit) -> str:
     return f'"{limit.name}";q={limit.algorithm.capacity};w={limit.algorithm.window}'
 
@@ -174,6 +182,7 @@ class Config:
     upstream: UpstreamConfig = UpstreamConfig()
     storage: StorageConfig = StorageConfig()
     clients: ClientsConfig = ClientsConfig()
+    whatif: WhatifConfig = WhatifConfig()
     log_format: str = "text"
     tiers: Mapping[str, Tier] = field(default_factory=dict)
     api_keys: Mapping[str, ApiKey] = field(default_factory=dict)  # by sha256 hex

@@ -1,9 +1,10 @@
-"""The flat sections: server, admin, upstream, storage, clients and log."""
+"""The flat sections: server, admin, upstream, storage, clients, whatif and log."""
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -18,8 +19,10 @@ from .checks import (
     read_section,
     read_url,
 )
-from .model import AdminConfig, ClientsConfig, ServerConfig, StorageConfig, UpstreamConfig
+from .model import AdminConfig, ClientsConfig, ServerConfig, StorageConfig, UpstreamConfig, WhatifConfig
 
+WHATIF_MAX_MINUTES: Final = 1440  # a day: the record is for "what would my last change have done"
+WHATIF_MAX_REQUESTS: Final = 100_000_000  # ~5 GB of record: beyond this a typo, not a plan
 HEADER_NAME_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 
 
@@ -72,10 +75,15 @@ def read_sections(ck: Checker, raw: dict[str, Any]) -> dict[str, Any]:
         # they name tiers: read after them, by proxy.config.callers
         "networks": lambda p, v, d: d, "jwt": lambda p, v, d: d,
     })
+    whatif = read_section(ck, raw, "whatif", WhatifConfig, {
+        "minutes": _bounded(ck, read_positive(ck), WHATIF_MAX_MINUTES),
+        "max_requests": _bounded(ck, read_positive(ck, minimum=0, exclusive=False, integer=True),
+                                 WHATIF_MAX_REQUESTS),
+    })
     log = ck.mapping("log", raw.get("log"), {"format": None})
     log_format = ck.choice("log.format", log["format"], "text", ("text", "json")) if "format" in log else "text"
     return {"server": server, "admin": admin, "upstream": upstream, "storage": storage,
-            "clients": clients, "log_format": log_format}
+            "clients": clients, "whatif": whatif, "log_format": log_format}
 
 
 def read_workers(ck: Checker, path: str, value: Any, default: int) -> int:
@@ -86,3 +94,16 @@ def read_workers(ck: Checker, path: str, value: Any, default: int) -> int:
         ck.error(path, 'must be an integer >= 1 or "auto"', value)
         return default
     return value
+
+
+
+def _bounded(ck: Checker, read: Callable[[str, Any, Any], Any], most: int) -> Callable[[str, Any, Any], Any]:
+    """`read`, then an upper bound (a number beyond it is a typo)."""
+    def reader(path: str, value: Any, default: Any) -> Any:
+        before = len(ck.errors)
+        out = read(path, value, default)
+        if len(ck.errors) == before and out > most:
+            ck.error(path, f"must be at most {most}", value)
+            return default
+        return out
+    return reader

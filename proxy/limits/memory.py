@@ -24,6 +24,11 @@ class MemoryStore(Store):
         self._clock = clock
         self._tables: dict[str, dict[str, State]] = {}
 
+    @property
+    def clock(self) -> Clock:
+        """The time its decisions are made at (proxy.whatif records requests on it)."""
+        return self._clock
+
     def _table(self, limit: Limit) -> dict[str, State]:
         table = self._tables.get(limit.key)
         if table is None:
