@@ -100,12 +100,14 @@ class Metrics:
         return {"requests": [[tier, decision, n] for (tier, decision), n in self.requests.items()],
                 "upstream_errors": self.upstream_errors, "duration_counts": self.duration_counts,
                 "duration_sum": self.duration_sum, "storage_errors": self._storage_errors(),
-                "storage_healthy": self._storage_healthy(), "websocket_refused": self.websocket_refused}
+                "storage_healthy": self._storage_healthy(), "websocket_refused": self.websocket_refused,
+                "shadow_refusals": [[tier, limit, n] for (tier, limit), n in self.shadow_refusals.items()]}
 
     def load_sum(self, dumps: list[dict[str, Any]]) -> None:
         """Show the sum of other processes' `dump`s (a supervisor's /metrics): the per-request
         series and storage errors are summed, storage is healthy when every process finds it so."""
         self.requests, self.upstream_errors, self.websocket_refused = {}, {}, {}
+        self.shadow_refusals = {}
         self.duration_counts = [0] * (len(DURATION_BUCKETS) + 1)
         self.duration_sum = 0.0
         errors, healthy = 0, True
@@ -116,6 +118,8 @@ class Metrics:
                 self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + n
             for tier, n in dump["websocket_refused"].items():
                 self.websocket_refused[tier] = self.websocket_refused.get(tier, 0) + n
+            for tier, limit, n in dump["shadow_refusals"]:
+                self.shadow_refusals[tier, limit] = self.shadow_refusals.get((tier, limit), 0) + n
             self.duration_counts = [a + b for a, b in zip(self.duration_counts, dump["duration_counts"])]
             self.duration_sum += dump["duration_sum"]
             errors += dump["storage_errors"]

@@ -222,7 +222,7 @@ class Stats:
                                      self.totals["blocked"] - self._base[1]]]
         return {
             "totals": self.totals,
-            "tiers": {name: [c.allowed, c.blocked] for name, c in self.tiers.items()},
+            "tiers": {name: [c.allowed, c.blocked, c.shadow_blocked] for name, c in self.tiers.items()},
             "clients": {cid: [c.tier, c.identity, c.allowed, c.blocked] for cid, c in self.clients.items()},
             "timeline": [slot for slot in timeline if slot[0] >= 0 and (slot[1] or slot[2])],
             "latency": {name: {i: n for i, n in enumerate(window.recent()) if n}
@@ -238,9 +238,10 @@ class Stats:
         for dump in dumps:
             for key, count in dump["totals"].items():
                 out.totals[key] = out.totals.get(key, 0) + count
-            for name, (allowed, blocked) in dump["tiers"].items():
+            for name, (allowed, blocked, shadow_blocked) in dump["tiers"].items():
                 tier = out.tiers.setdefault(name, Counts())
                 tier.allowed, tier.blocked = tier.allowed + allowed, tier.blocked + blocked
+                tier.shadow_blocked += shadow_blocked
             for cid, (tier_name, identity, allowed, blocked) in dump["clients"].items():
                 client = out.clients.setdefault(cid, ClientCounts(tier=tier_name, identity=identity))
                 client.allowed, client.blocked = client.allowed + allowed, client.blocked + blocked

@@ -162,6 +162,8 @@ def test_merged_dumps_show_what_one_process_would(fake_clock):
     for i in range(40):
         fake_clock.advance(0.7)
         rec = record(f"10.0.0.{i % 7}", "blocked" if i % 5 == 0 else "allowed", 0.0001 * i, 0.001 * (i % 3) or None)
+        if i % 4 == 0:
+            rec.shadow = ("trial",)
         one.observe(rec)
         (left if i % 3 else right).observe(rec)
         (left_metrics if i % 3 else right_metrics).observe(rec)
@@ -171,6 +173,7 @@ def test_merged_dumps_show_what_one_process_would(fake_clock):
         sorted((c, k.tier, k.identity, k.requests, k.blocked) for c, k in one.clients.items())
     summed.load_sum([left_metrics.dump(), right_metrics.dump()])
     assert summed.requests == {("free", "allowed"): 32, ("free", "blocked"): 8}
+    assert summed.shadow_refusals == {("free", "trial"): 10}  # from both workers
     assert sum(summed.duration_counts) == 40
 
 
