@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-dumps", type=Path, metavar="DIR",
                         help="copy each phase's callgrind dump to DIR/<mode>-<phase>.cg.out (for callgrind_annotate)")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "instructions.json")
+    parser.add_argument("--limits", default=None,
+                        help="the anonymous tier's limits as a YAML flow list's items (default: one token bucket "
+                             "too large to refuse); e.g. to price an extra limit or a selector")
     args = parser.parse_args(argv)
     args.phases = 1 if args.quick else 2
     if args.quick:
@@ -145,7 +148,8 @@ def run_tollgate(servers: Servers, upstream_port: int, name: str, order: list[st
     out.parent.mkdir()
     wrapper = [VALGRIND, "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no", f"--callgrind-out-file={out}"]
     with step(f"{name} under callgrind (slow to start)"):
-        server, admin = servers.tollgate(name, upstream_port, storage=storage, wrapper=wrapper, root=root)
+        limits = {} if args.limits is None else {"anonymous": args.limits}
+        server, admin = servers.tollgate(name, upstream_port, storage=storage, wrapper=wrapper, root=root, **limits)
         wait_http(server, f"http://127.0.0.1:{admin}/healthz", time.monotonic() + 180)
     print(f"  warm-up: {WARMUP} requests per path; phases: {' '.join(order)}", flush=True)
     urls = {mode: f"http://127.0.0.1:{server.port}{'/exempt/bench' if mode.endswith('off') else '/bench'}"

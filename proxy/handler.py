@@ -71,7 +71,7 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
         return await _forward(request, runtime, record, started, b"")
     limit_set = config.limit_set(tier, route)
     subjects = subjects_of(limit_set, identity, lambda: Facts(
-        request, identity, route.path, request_address(config, request.headers, request.remote), claims))
+        request, identity, route.path, lambda: request_address(config, request.headers, request.remote), claims))
     limiter = runtime.limiter
     ticket = limiter.ticket(limit_set)
     decision = limiter.decide_now(limit_set, subjects, route.cost, ticket)
@@ -86,7 +86,7 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
         return _finish(runtime, record, _refuse(limit_set, verdict, outcomes, lines, record), started)
     messages = None if not route.messages else _message_limits(
         runtime, route, identity, lambda: Facts(
-            request, identity, route.path, request_address(config, request.headers, request.remote)))
+            request, identity, route.path, lambda: request_address(config, request.headers, request.remote)))
     if not limit_set.concurrent:
         return await _admitted(request, runtime, record, started, lines, verdict.delay, messages)
     renewing = _renew_while_open(limiter, limit_set, subjects, ticket)

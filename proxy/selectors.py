@@ -60,17 +60,24 @@ def parse(value: object) -> tuple[tuple[str, ...] | None, str | None]:
 class Facts:
     """The values selectors read, computed only when a selector asks."""
 
-    __slots__ = ("_cookies", "_query", "address", "claims", "identity", "request", "route")
+    __slots__ = ("_address", "_cookies", "_query", "claims", "identity", "request", "route")
 
-    def __init__(self, request: web.BaseRequest, identity: str, route: str, address: str,
+    def __init__(self, request: web.BaseRequest, identity: str, route: str, address: str | Callable[[], str],
                  claims: Mapping[str, object] | None = None) -> None:
         self.request = request
         self.identity = identity
         self.route = route
-        self.address = address
+        self._address = address  # a callable is asked once, when an `address` selector needs it
         self.claims = claims or {}
         self._query: dict[str, str] | None = None
         self._cookies: dict[str, str] | None = None
+
+    @property
+    def address(self) -> str:
+        """The client address (proxy.identity's trusted-proxy walk), worked out on first use."""
+        if callable(self._address):
+            self._address = self._address()
+        return self._address
 
     def value(self, selector: str) -> str:
         if selector == "client":
