@@ -25,6 +25,11 @@ from helpers import (
     start_upstream,
 )
 
+from proxy.config import StorageConfig
+from proxy.limits.memory import MemoryStore
+from proxy.limits.redis import RedisStore
+from proxy.limits.store import Store
+
 
 @pytest.fixture
 def run_process(tmp_path: Path) -> Iterator[Callable[..., ProcessHandle]]:
@@ -85,6 +90,19 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
 def fake_clock() -> FakeClock:
     """A clock at 1_700_000_000.0 that moves only on `advance()` / `set()`."""
     return FakeClock()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, fake_clock: FakeClock) -> AsyncIterator[Store]:
+    """Each store on the same fake clock: the behaviour tables run on both, and
+    redis runs acquire.lua on a real server."""
+    if request.param == "memory":
+        yield MemoryStore(fake_clock)
+        return
+    server = request.getfixturevalue("redis_server")
+    redis_store = RedisStore.from_config(StorageConfig(backend="redis", url=server.url, timeout=1.0), clock=fake_clock)
+    yield redis_store
+    await redis_store.close()
 
 
 @pytest.fixture

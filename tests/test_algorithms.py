@@ -12,13 +12,11 @@ apart silently. Integers compare with ==; float seconds with a 1e-6 tolerance.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 import pytest
 from helpers import FakeClock
 
-from proxy.config import StorageConfig
 from proxy.limits.algorithms import (
     Algorithm,
     FixedWindow,
@@ -27,8 +25,6 @@ from proxy.limits.algorithms import (
     SlidingWindow,
     TokenBucket,
 )
-from proxy.limits.memory import MemoryStore
-from proxy.limits.redis import RedisStore
 from proxy.limits.store import Limit, Store
 
 CLIENT = "a:192.0.2.7"
@@ -152,19 +148,6 @@ def expected(step: Step) -> Row:
 
 
 PEEKED = ["token_bucket", "sliding_window", "fixed_window", "leaky_bucket"]
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, fake_clock: FakeClock) -> AsyncIterator[Store]:
-    """Each store on the same fake clock; redis runs the Lua port on a real server."""
-    if request.param == "memory":
-        yield MemoryStore(fake_clock)
-        return
-    server = request.getfixturevalue("redis_server")
-    storage = StorageConfig(backend="redis", url=server.url, timeout=1.0)
-    redis_store = RedisStore.from_config(storage, clock=fake_clock)
-    yield redis_store
-    await redis_store.close()
 
 
 @pytest.mark.parametrize("table", list(TABLES))

@@ -14,7 +14,6 @@ from helpers import FakeClock
 
 from proxy.config import ConfigError, StorageConfig, from_text
 from proxy.limits.algorithms import Concurrency, FixedWindow, LeakyBucket, Outcome, SlidingWindow, TokenBucket
-from proxy.limits.memory import MemoryStore
 from proxy.limits.redis import RedisStore, _slot
 from proxy.limits.store import Limit, Store
 from proxy.routes import Route
@@ -27,17 +26,6 @@ def limit(algorithm: object, name: str, *, per: tuple[str, ...] = ("client",), s
           lease: float | None = None) -> Limit:
     return Limit(name=name, algorithm=algorithm, key=f"t.{name}", per=per, shadow=shadow,  # type: ignore[arg-type]
                  lease=lease)
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, fake_clock: FakeClock) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore(fake_clock)
-        return
-    server = request.getfixturevalue("redis_server")
-    redis_store = RedisStore.from_config(StorageConfig(backend="redis", url=server.url, timeout=1.0), clock=fake_clock)
-    yield redis_store
-    await redis_store.close()
 
 
 async def test_a_route_limit_refusal_charges_the_tier_limit_nothing(store: Store) -> None:

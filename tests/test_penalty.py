@@ -11,7 +11,6 @@ import json
 import random
 import re
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from harness import Tollgate, running
@@ -45,17 +44,6 @@ api_keys:
 """
 ALICE_KEY = {"X-API-Key": "free-key"}
 BOB_KEY = {"X-API-Key": "paid-key"}
-
-
-@pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, fake_clock: FakeClock) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        yield MemoryStore(fake_clock)
-        return
-    server = request.getfixturevalue("redis_server")
-    redis_store = RedisStore.from_config(StorageConfig(backend="redis", url=server.url, timeout=1.0), clock=fake_clock)
-    yield redis_store
-    await redis_store.close()
 
 
 async def test_the_strike_that_reaches_after_bans_and_a_ban_refuses_charging_nothing(
