@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
@@ -27,11 +26,12 @@ from .identity import find_client, visible_ascii
 from .limit_states import limit_body, limits_body
 from .limits.store import Limit, StorageUnavailable
 from .openapi import document
+from .penalty import rfc3339
 from .problems import problem
 from .ratelimit_headers import most_constraining, refusing_limit
 from .replay import replay
 from .runtime import RUNTIME, Runtime
-from .selectors import GLOBAL_SUBJECT, hashed
+from .selectors import CLIENT, GLOBAL, GLOBAL_SUBJECT, hashed
 from .stats import Stats
 
 COOKIE: Final = "tollgate_admin"
@@ -85,18 +85,15 @@ def storage_body(runtime: Runtime) -> dict[str, Any]:
     return {"backend": limiter.store.backend, "healthy": not down, "on_error": limiter.on_error,
             "last_error": None if last is None else last.last_error,
             "down": [{"shard": str(shard), "last_error": health.last_error, "errors": health.errors,
-                      "since": _iso(health.down_since)} for shard, health in down.items()]}
-
-
-def _iso(when: float | None) -> str | None:
-    return None if when is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+                      "since": None if health.down_since is None else rfc3339(health.down_since)}
+                     for shard, health in down.items()]}
 
 
 def config_body(runtime: Runtime) -> dict[str, Any]:
     config = runtime.config
     return {
         "path": config.path, "version": runtime.version,
-        "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(runtime.loaded_at)),
+        "loaded_at": rfc3339(runtime.loaded_at),
         "last_error": runtime.last_error,
         "tiers": {
             name: {"unlimited": tier.unlimited,
@@ -150,7 +147,7 @@ async def _remaining(runtime: Runtime, tier_name: str, identity: str) -> int | N
 def client_subjects(limits: Sequence[Limit], identity: str, address: str) -> list[tuple[Limit, str | None]]:
     """The subject of each limit that a client id alone determines (None: it
     depends on each request, like a header's value)."""
-    facts: dict[tuple[str, ...], str] = {("client",): identity, ("global",): GLOBAL_SUBJECT}
+    facts: dict[tuple[str, ...], str] = {CLIENT: identity, GLOBAL: GLOBAL_SUBJECT}
     out: list[tuple[Limit, str | None]] = []
     for limit in limits:
         subject = facts.get(limit.per)

@@ -95,7 +95,7 @@ def check() -> None:
         missing.append("RequestHandler.handle_error")
     if not callable(getattr(HttpRequestParserPy, "parse_message", None)):
         missing.append("HttpRequestParserPy.parse_message")
-    for name in ("_cache", "_message", "_method", "_version", "_headers"):
+    for name in ("_message", "_method", "_version", "_headers"):
         if not _assigned_in_init(web.BaseRequest, name):
             missing.append(f"BaseRequest.{name}")
     if not callable(getattr(web.Server, "_make_request", None)):
@@ -271,12 +271,10 @@ def unknown_method(first: bytes) -> bool:
 
 def reply_as_http11(request: web.BaseRequest) -> None:
     """Have Tollgate's answer to `request` say HTTP/1.1 whatever version it came in
-    (aiohttp echoes the request's: "HTTP/2.0 505"). `version` is a ProxyRequest's
-    slot, or else a reify whose value lives in `_cache`."""
-    if isinstance(request, ProxyRequest):
-        request.version = HttpVersion11
-    else:
-        request._cache["version"] = HttpVersion11
+    (aiohttp echoes the request's: "HTTP/2.0 505"). The proxy port's requests are
+    ProxyRequests (GuardedServer), whose `version` is a plain slot."""
+    assert isinstance(request, ProxyRequest), "only the proxy port refuses versions"
+    request.version = HttpVersion11
 
 
 class SplicedHead(web.StreamResponse):

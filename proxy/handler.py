@@ -70,8 +70,12 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
         runtime.recorder.record(config, request, client, route, path, True)
         return await _forward(request, runtime, record, started, b"")
     limit_set = config.limit_set(tier, route)
-    subjects = subjects_of(limit_set, identity, lambda: Facts(
-        request, identity, route.path, lambda: request_address(config, request.headers, request.remote), claims))
+
+    def facts() -> Facts:  # called only when some limit counts more than the client
+        return Facts(request, identity, route.path, lambda: request_address(config, request.headers, request.remote),
+                     claims)
+
+    subjects = subjects_of(limit_set, identity, facts)
     limiter = runtime.limiter
     ticket = limiter.ticket(limit_set)
     decision = limiter.decide_now(limit_set, subjects, route.cost, ticket)
@@ -84,9 +88,7 @@ async def handle(runtime: Runtime, request: web.BaseRequest) -> web.StreamRespon
     lines = rate_limit_lines(limit_set, outcomes) if outcomes else b""
     if not verdict.allowed:
         return _finish(runtime, record, _refuse(limit_set, verdict, outcomes, lines, record), started)
-    messages = None if not route.messages else _message_limits(
-        runtime, route, identity, lambda: Facts(
-            request, identity, route.path, lambda: request_address(config, request.headers, request.remote)))
+    messages = None if not route.messages else _message_limits(runtime, route, identity, facts)
     if not limit_set.concurrent:
         return await _admitted(request, runtime, record, started, lines, verdict.delay, messages)
     renewing = _renew_while_open(limiter, limit_set, subjects, ticket)

@@ -20,13 +20,10 @@ from .limits.algorithms import Outcome
 from .limits.memory import MemoryStore
 from .limits.store import Limit, StorageUnavailable
 from .ratelimit_headers import whole_seconds
-from .selectors import GLOBAL_SUBJECT
+from .selectors import GLOBAL, GLOBAL_SUBJECT
 
 if TYPE_CHECKING:
     from .runtime import Runtime
-
-GLOBAL: tuple[str, ...] = ("global",)
-
 
 def limit_body(limit: Limit, outcome: Outcome | None, in_flight: int | None = None) -> dict[str, Any]:
     """A limit as the admin API shows it; `remaining` is null where the

@@ -64,6 +64,7 @@ class Seen:
 
 
 def rfc3339(when: float) -> str:
+    """Seconds since the epoch as the admin API writes times: RFC 3339, UTC, whole seconds."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 

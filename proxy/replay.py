@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from .config import Config, LimitSet, Route, Tier
 from .limits.memory import MemoryStore
-from .selectors import CLIENT, GLOBAL_SUBJECT, MISSING, NAMED
+from .selectors import CLIENT, GLOBAL, GLOBAL_SUBJECT, MISSING, NAMED
 from .whatif import Chunk, Span, value_digest
 
 TOP_CLIENTS: Final = 50
@@ -146,7 +146,7 @@ class Replay:
             per = limit.per
             if per == CLIENT:
                 out.append(identity)
-            elif per == ("global",):
+            elif per == GLOBAL:
                 out.append(GLOBAL_SUBJECT)
             else:
                 plain = {"client": identity, "address": address, "method": method, "route": route}

@@ -32,6 +32,7 @@ PLAIN: Final = ("client", "address", "global", "method", "route")
 NAMED: Final = ("header", "query", "cookie", "claim")
 MISSING: Final = "\x00"  # no header, query or cookie value can hold a NUL
 CLIENT: Final = ("client",)
+GLOBAL: Final = ("global",)
 GLOBAL_SUBJECT: Final = "global"
 
 
@@ -125,7 +126,7 @@ def subject(per: tuple[str, ...], facts: Facts) -> str:
     """The state a request counts against in a limit with this `per`."""
     if per == CLIENT:
         return facts.identity
-    if per == ("global",):
+    if per == GLOBAL:
         return GLOBAL_SUBJECT
     return hashed([facts.value(selector) for selector in per])
 
